@@ -1,0 +1,135 @@
+"""Seconds per epoch of the training step, beside the floor its matrix products set.
+
+The step is the default dropout variant's (20 % input and 50 % hidden dropout, SGDHinton with
+max-norm, batch 100) on resident tensors. The GEMM floor is the same step's matrix products alone
+(three forward, five backward: no input gradient for the first layer), on preallocated tensors:
+what no implementation of this step on this machine can beat.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from torch.nn import functional as F
+
+from ._malloc import keep_freed_memory
+from .model import MLP, MaskStream
+from .optim import build_optimizer
+from .train import pick_device
+from .variant import resolve
+
+STEPS_PER_EPOCH = 600  # 60,000 images / 100
+BENCH_VARIANT = {"input_dropout": 0.2, "hidden_dropout": 0.5, "optimizer": "sgd_hinton"}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, steps: int, device) -> float:
+    """Seconds per call of ``fn``, timed over ``steps`` calls after a short warm-up."""
+    for _ in range(max(steps // 10, 3)):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def training_step(device, variant=None):
+    """A closure running one training step of ``variant`` on resident random data."""
+    variant = resolve(variant or BENCH_VARIANT)
+    gen = torch.Generator().manual_seed(0)
+    model = MLP.from_variant(variant, generator=gen).to(device)
+    model.masks = MaskStream(1)
+    others = [model.layers[-1].weight] + [layer.bias for layer in model.layers]
+    opt = build_optimizer(variant, model.hidden_weights, others, model.layers[-1].weight)
+    n = 6000
+    images = torch.randn(n, 784, generator=gen).to(device)
+    labels = torch.randint(0, 10, (n,), generator=gen).to(device)
+    bs = variant["batch_size"]
+    perm = torch.randperm(n, generator=gen).to(device)
+    batches = list(torch.split(perm, bs))
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    err_sum = torch.zeros((), device=device, dtype=torch.int64)
+    i = 0
+
+    def step():
+        nonlocal i
+        idx = batches[i % len(batches)]
+        i += 1
+        x, y = images[idx], labels[idx]
+        loss, logits = model.train_step(x, y)
+        opt.step()
+        with torch.no_grad():
+            loss_sum.add_(loss.detach().double() * len(idx))
+            err_sum.add_((logits.argmax(1) != y).sum())
+
+    return step
+
+
+def gemm_floor_step(device, hidden=(800, 800), batch: int = 100):
+    """A closure running only the matrix products of one step, into preallocated tensors."""
+    sizes = [784, *hidden, 10]
+    gen = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+
+    ws = [r(b, a) for a, b in zip(sizes[:-1], sizes[1:])]
+    acts = [r(batch, s) for s in sizes]
+    grads = [r(batch, s) for s in sizes]
+    wgrads = [torch.empty_like(w) for w in ws]
+
+    def step():
+        for k, w in enumerate(ws):  # forward: a_{k+1} = a_k W_k^T
+            torch.mm(acts[k], w.t(), out=acts[k + 1])
+        for k in reversed(range(len(ws))):  # backward: dW_k = g_{k+1}^T a_k; g_k = g_{k+1} W_k
+            torch.mm(grads[k + 1].t(), acts[k], out=wgrads[k])
+            if k > 0:
+                torch.mm(grads[k + 1], ws[k], out=grads[k])
+
+    return step
+
+
+def bench(
+    steps: int = 300, threads: int | None = None, device: str = "auto", rounds: int = 5, batched=None
+) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    else:
+        keep_freed_memory()
+    # Interleaved rounds, the best of each kept: a shared machine's noise only ever adds time,
+    # and alternating keeps a slow spell from landing on one side alone.
+    floor_fn, step_fn = gemm_floor_step(dev), training_step(dev)
+    per_round = max(steps // rounds, 10)
+    floors, steps_ = [], []
+    for _ in range(rounds):
+        floors.append(_time(floor_fn, per_round, dev) * STEPS_PER_EPOCH)
+        steps_.append(_time(step_fn, per_round, dev) * STEPS_PER_EPOCH)
+    floor, step = min(floors), min(steps_)
+    result = {
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "epoch_seconds": step,
+        "gemm_floor_seconds": floor,
+        "ratio": step / floor,
+    }
+    print(
+        f"device {result['device']}  threads {result['threads']}  torch {result['torch']}\n"
+        f"training step  {step:8.3f} s/epoch  (default dropout variant; best of {rounds} rounds)\n"
+        f"GEMM floor     {floor:8.3f} s/epoch  (its 8 matrix products alone)\n"
+        f"ratio          {step / floor:8.2f} x",
+        file=sys.stdout,
+        flush=True,
+    )
+    return result
