@@ -1,0 +1,56 @@
+import math
+import re
+from pathlib import Path
+
+from snakemake.utils import validate
+
+# Before anything runs: every key known, every value in range, defaults filled in.
+validate(config, "../schemas/config.schema.yaml", set_default=True)
+
+VARIANTS = list(config["variants"])
+SEEDS = [int(s) for s in config["seeds"]]
+# Keys that describe how to report a variant rather than how to train it.
+REPORT_ONLY_KEYS = {"paper_errors"}
+
+
+wildcard_constraints:
+    variant="|".join(re.escape(v) for v in VARIANTS),
+    seed=r"\d+",
+
+
+def get_variant(name):
+    """A variant's training hyperparameters: the shared defaults, then its own overrides."""
+    merged = {**config["defaults"], **(config["variants"][name] or {})}
+    return {k: v for k, v in merged.items() if k not in REPORT_ONLY_KEYS}
+
+
+def get_run_dirs():
+    return [f"results/runs/{v}/seed{s}" for v in VARIANTS for s in SEEDS]
+
+
+def get_metrics():
+    return [f"{d}/metrics.csv" for d in get_run_dirs()]
+
+
+def get_summaries():
+    return [f"{d}/summary.json" for d in get_run_dirs()]
+
+
+def get_benchmarks():
+    return [
+        f"results/benchmarks/train/{v}/seed{s}.tsv" for v in VARIANTS for s in SEEDS
+    ]
+
+
+def train_runtime_minutes(wildcards, attempt):
+    """Minutes to ask a cluster for: the estimate for every epoch, doubled on each retry."""
+    seconds = config["epochs"] * config["train"]["seconds_per_epoch"]
+    return int(math.ceil(seconds / 60.0 * 1.5)) * attempt + 10
+
+
+def train_gpus():
+    return 1 if config["device"] == "cuda" else 0
+
+
+def get_final_output():
+    return get_metrics() + get_summaries()
