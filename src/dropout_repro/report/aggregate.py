@@ -247,7 +247,8 @@ def final_errors_table(
     ddof=1; NaN with one seed), ``final_errors_min, final_errors_max, ci95_half_width`` (Student t,
     n_used - 1 degrees of freedom; NaN with one seed), ``ci95_low, ci95_high, final_error_pct_mean,
     best_errors_mean`` (each seed's best epoch), ``best_epoch_mean, paper_errors, wall_seconds_mean``
-    (all seeds, diverged ones included: they cost the time), ``epochs`` (epochs requested).
+    (all seeds, diverged ones included: they cost the time), ``epochs`` (epochs requested),
+    ``test_size`` (the images the errors are counted on: 10,000 for MNIST's test set).
     """
     rows = []
     for name, group in runs_by_variant(runs, config).items():
@@ -283,6 +284,7 @@ def final_errors_table(
                 "paper_errors": paper_errors(name, group[0].hyper, config),
                 "wall_seconds_mean": float(np.mean(walls)) if walls else math.nan,
                 "epochs": max(int(r.summary["epochs_requested"]) for r in group),
+                "test_size": int(test_size),
             }
         )
     table = pd.DataFrame(rows)
@@ -429,8 +431,9 @@ def final_errors_markdown(table: pd.DataFrame) -> str:
     for row in rows:
         lines.append("| " + " | ".join(_md_cell(row[c]) for c in DISPLAY_COLUMNS) + " |")
     epochs = ", ".join(str(e) for e in sorted(set(table["epochs"]))) if len(table) else "?"
+    sizes = ", ".join(f"{int(n):,}" for n in sorted(set(table["test_size"]))) if len(table) else "?"
     note = (
-        f"Test errors of 10,000 after the last of {epochs} epochs; mean, sample std and 95 % "
+        f"Test errors of {sizes} after the last of {epochs} epochs; mean, sample std and 95 % "
         "Student-t interval over seeds. Diverged seeds are counted, not averaged."
     )
     return note + "\n\n" + "\n".join(lines) + "\n"

@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -155,7 +156,9 @@ def figure1(
         ax.set_xlim(0, max(last_epoch, 1))
         ax.set_ylim(*_y_range(curves, runs, list(paper_levels)))
         ax.set_xlabel("Epochs")
-        ax.set_ylabel("Number of test errors (of 10,000)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        sizes = sorted({int(r.summary.get("test_size") or 10_000) for r in runs})
+        ax.set_ylabel(f"Number of test errors (of {', '.join(f'{n:,}' for n in sizes)})")
         ax.legend(loc="upper right", frameon=False)
         _save(fig, out_paths)
 
@@ -202,6 +205,7 @@ def loss_figure(
                 ax.set_yscale("log")
             ax.set_title(_label(name), loc="left")
             ax.set_xlabel("Epochs")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel("Loss")
             ax.legend(frameon=False)
         _save(fig, out_paths)
@@ -227,6 +231,7 @@ def schedules_figure(
         ax_m.set_title("Momentum p_t", loc="left")
         for ax in (ax_lr, ax_m):
             ax.set_xlabel("Epochs")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         handles, labels = ax_lr.get_legend_handles_labels()
         fig.legend(
             handles, labels, loc="outside lower center", ncols=min(4, len(labels)), frameon=False
@@ -264,6 +269,7 @@ def max_norm_figure(
             )
         ax.set_xlabel("Epochs")
         ax.set_ylabel("Largest row norm ‖w_j‖₂")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         handles, labels = ax.get_legend_handles_labels()
         fig.legend(
             handles, labels, loc="outside lower center", ncols=min(4, len(labels)), frameon=False

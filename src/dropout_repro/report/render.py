@@ -49,7 +49,7 @@ REPORT_PACKAGES = ("torch", "numpy", "pandas", "scipy", "matplotlib", "jinja2", 
 
 FIGURE_TEXT = {
     "figure1": (
-        "Test errors (of 10,000) against epochs, the counterpart of the paper's Figure 1. Thick line: "
+        "Test errors against epochs, the counterpart of the paper's Figure 1. Thick line: "
         "mean over the seeds that did not diverge; shaded band: their minimum to maximum; faint "
         "lines: each seed (dotted, ending in a cross: a diverged seed). Dashed lines: the paper's "
         "three MNIST results."
