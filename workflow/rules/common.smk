@@ -2,9 +2,19 @@ import math
 import re
 from pathlib import Path
 
+import yaml
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-# Before anything runs: every key known, every value in range, defaults filled in.
+from dropout_repro.config import ConfigError, check_config
+
+# Before anything runs: every key known, every value in range (each problem named with its
+# valid range), then the defaults filled in.
+with open(Path(workflow.current_basedir) / "../schemas/config.schema.yaml") as f:
+    try:
+        check_config(config, yaml.safe_load(f))
+    except ConfigError as e:
+        raise WorkflowError(str(e))
 validate(config, "../schemas/config.schema.yaml", set_default=True)
 
 VARIANTS = list(config["variants"])
@@ -53,4 +63,4 @@ def train_gpus():
 
 
 def get_final_output():
-    return get_metrics() + get_summaries()
+    return ["results/report/report.html"]

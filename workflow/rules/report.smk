@@ -33,6 +33,8 @@ rule aggregate:
         ),
     log:
         "logs/report/aggregate.log",
+    conda:
+        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -77,6 +79,8 @@ rule figure:
         ),
     log:
         "logs/report/figure.log",
+    conda:
+        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -114,6 +118,8 @@ rule report:
         ),
     log:
         "logs/report/report.log",
+    conda:
+        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=2000,
