@@ -3,6 +3,8 @@ rule download_mnist:
         raw=directory(f"{config['data']['root']}/MNIST/raw"),
     log:
         "logs/download_mnist.log",
+    conda:
+        "../../environment.yml"
     threads: 1
     resources:
         mem_mb=512,
@@ -10,7 +12,5 @@ rule download_mnist:
     params:
         root=lambda wc, output: Path(output.raw).parent.parent,
         sources=config["data"]["sources"],
-    conda:
-        "../../environment.yml"
     script:
         "../scripts/download_mnist.py"

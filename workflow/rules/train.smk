@@ -8,6 +8,8 @@ rule train:
         "logs/train/{variant}/seed{seed}.log",
     benchmark:
         "results/benchmarks/train/{variant}/seed{seed}.tsv"
+    conda:
+        "../../environment.yml"
     threads: config["train"]["threads"]
     resources:
         mem_mb=config["train"]["mem_mb"],
@@ -22,7 +24,5 @@ rule train:
         checkpoint_every=config["checkpoint_every"],
         train_limit=config["data"]["train_limit"],
         data_root=lambda wc, input: Path(input.mnist).parent.parent,
-    conda:
-        "../../environment.yml"
     script:
         "../scripts/train.py"
