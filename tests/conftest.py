@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+
 @pytest.fixture(scope="session", autouse=True)
 def single_threaded_torch():
     """Tests run torch on one thread: their tensors are small, and on a busy machine with few
@@ -37,7 +38,9 @@ def write_idx_images(path: Path, images: np.ndarray) -> None:
 
 def write_idx_labels(path: Path, labels: np.ndarray) -> None:
     """IDX1: big-endian magic, count, then the labels as unsigned bytes."""
-    path.write_bytes(struct.pack(">ii", IDX_LABELS_MAGIC, len(labels)) + labels.astype(np.uint8).tobytes())
+    path.write_bytes(
+        struct.pack(">ii", IDX_LABELS_MAGIC, len(labels)) + labels.astype(np.uint8).tobytes()
+    )
 
 
 def blob_digits(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -60,8 +60,14 @@ def test_initialisation_follows_the_generator():
 
 def test_from_variant_uses_the_variant_keys():
     v = resolve(
-        {"hidden": [7, 5], "activation": "logistic", "input_dropout": 0.2, "hidden_dropout": 0.5,
-         "dropout_style": "paper", "init_std": 0.5}
+        {
+            "hidden": [7, 5],
+            "activation": "logistic",
+            "input_dropout": 0.2,
+            "hidden_dropout": 0.5,
+            "dropout_style": "paper",
+            "init_std": 0.5,
+        }
     )
     net = MLP.from_variant(v, generator=torch.Generator().manual_seed(0))
     assert [layer.out_features for layer in net.layers] == [7, 5, 10]

@@ -273,8 +273,13 @@ def test_build_optimizer_sgd_hinton_uses_the_variant_settings():
 
 def test_torch_sgd_with_dampening_momentum_follows_torch_semantics():
     variant = resolve(
-        {"optimizer": "torch_sgd", "dampening": "momentum", "lr0": 0.5, "momentum_initial": 0.5,
-         "max_norm": None}
+        {
+            "optimizer": "torch_sgd",
+            "dampening": "momentum",
+            "lr0": 0.5,
+            "momentum_initial": 0.5,
+            "max_norm": None,
+        }
     )
     w, out, b = param([[1.0, 2.0]]), param([[0.0]]), param([0.0])
     opt = build_optimizer(variant, [w], [out, b], out)
@@ -294,8 +299,13 @@ def test_torch_sgd_with_dampening_momentum_follows_torch_semantics():
 
 def test_torch_sgd_with_a_fixed_dampening():
     variant = resolve(
-        {"optimizer": "torch_sgd", "dampening": 0.0, "lr0": 0.5, "momentum_initial": 0.5,
-         "max_norm": None}
+        {
+            "optimizer": "torch_sgd",
+            "dampening": 0.0,
+            "lr0": 0.5,
+            "momentum_initial": 0.5,
+            "max_norm": None,
+        }
     )
     w, out, b = param([[1.0, 2.0]]), param([[0.0]]), param([0.0])
     opt = build_optimizer(variant, [w], [out, b], out)

@@ -105,7 +105,9 @@ def test_apply_leaves_a_fixed_torch_sgd_dampening_alone():
 
 
 def test_apply_sets_only_the_learning_rate_of_adam():
-    variant = resolve({"optimizer": "adam", "lr0": 0.001, "lr_decay": 0.5, "adam_betas": [0.8, 0.9]})
+    variant = resolve(
+        {"optimizer": "adam", "lr0": 0.001, "lr_decay": 0.5, "adam_betas": [0.8, 0.9]}
+    )
     opt = build(variant)
     before = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in opt.param_groups]
     lr, _ = schedules.apply(opt, variant, 1)

@@ -98,9 +98,7 @@ def test_range_checks_name_the_key_the_value_and_the_valid_range(key, value, val
     assert valid in msg
 
 
-@pytest.mark.parametrize(
-    "hidden", [[], [0], [800, -1], [800.0], [True], "800", 800, None]
-)
+@pytest.mark.parametrize("hidden", [[], [0], [800, -1], [800.0], [True], "800", 800, None])
 def test_hidden_must_be_a_non_empty_list_of_positive_integers(hidden):
     with pytest.raises(VariantError, match=r"'hidden'.*non-empty list of positive integers"):
         resolve({"hidden": hidden})
