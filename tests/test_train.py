@@ -265,6 +265,25 @@ def test_a_stale_checkpoint_is_moved_aside_and_not_used_on_restart(mnist_like_ro
 
 @pytest.mark.xfail(
     strict=True,
+    reason="a run resumed from a checkpoint of its last epoch trains nothing and, its rows being "
+    "non-empty, never writes metrics.csv (train.py writes it only inside the epoch loop or when "
+    "there are no rows): a workflow that deletes a job's outputs before rerunning it gets "
+    "summary.json but no metrics.csv",
+)
+def test_a_completed_run_rerun_after_its_outputs_were_removed_writes_them_again(
+    mnist_like_root, tmp_path
+):
+    run(SMALL, tmp_path, mnist_like_root, epochs=2)
+    expected = without_seconds(read_metrics(tmp_path))
+    (tmp_path / "metrics.csv").unlink()
+    (tmp_path / "summary.json").unlink()
+    summary = run(SMALL, tmp_path, mnist_like_root, epochs=2)
+    assert summary["resumed_from_epoch"] == 2 and (tmp_path / "summary.json").exists()
+    assert without_seconds(read_metrics(tmp_path)) == expected
+
+
+@pytest.mark.xfail(
+    strict=True,
     reason="the run identity guarding a checkpoint holds train_limit but nothing of the data "
     "themselves (data_root or a digest), so a checkpoint made on other data is resumed",
 )
