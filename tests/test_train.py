@@ -168,11 +168,6 @@ def test_data_passed_in_gives_the_same_run_as_data_root(mnist_like_root, tmp_pat
     assert without_seconds(read_metrics(a)) == without_seconds(read_metrics(b))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train_run ignores train_limit when the data are passed in (data=...), yet records it "
-    "in the run identity; the run trains on every image given",
-)
 def test_train_limit_applies_to_data_passed_in(mnist_like_root, tmp_path):
     data = load_mnist(str(mnist_like_root))
     summary = train_run(SMALL, 1, 1, tmp_path, data=data, device="cpu", train_limit=100, log=quiet)
@@ -263,13 +258,6 @@ def test_a_stale_checkpoint_is_moved_aside_and_not_used_on_restart(mnist_like_ro
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a run resumed from a checkpoint of its last epoch trains nothing and, its rows being "
-    "non-empty, never writes metrics.csv (train.py writes it only inside the epoch loop or when "
-    "there are no rows): a workflow that deletes a job's outputs before rerunning it gets "
-    "summary.json but no metrics.csv",
-)
 def test_a_completed_run_rerun_after_its_outputs_were_removed_writes_them_again(
     mnist_like_root, tmp_path
 ):
@@ -282,11 +270,6 @@ def test_a_completed_run_rerun_after_its_outputs_were_removed_writes_them_again(
     assert without_seconds(read_metrics(tmp_path)) == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the run identity guarding a checkpoint holds train_limit but nothing of the data "
-    "themselves (data_root or a digest), so a checkpoint made on other data is resumed",
-)
 def test_a_checkpoint_made_on_other_data_is_refused(mnist_like_root, tmp_path):
     other_root = tmp_path / "other_data"
     raw = other_root / "MNIST" / "raw"

@@ -163,11 +163,6 @@ def test_fingerprint_is_stable_and_order_independent():
     assert re.fullmatch(r"[0-9a-f]{16}", a)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_check_range prints an unbounded range as '(0, inf]' though infinity is refused "
-    "(_number requires a finite value); it should read '(0, inf)'",
-)
 def test_an_unbounded_range_is_printed_open_at_infinity():
     with pytest.raises(VariantError, match=re.escape("(0, inf)")):
         resolve({"lr0": math.inf})

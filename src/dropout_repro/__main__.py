@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     t.set_defaults(func=_train)
 
     b = sub.add_parser("bench", help="seconds per epoch of the training step vs the GEMM floor")
-    b.add_argument("--steps", type=int, default=300, help="timed steps of each kind (an epoch is 600)")
+    b.add_argument("--steps", type=int, default=300, help="timed steps of each kind, over 5 rounds of at least 10 (an epoch is 600)")
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     b.add_argument("--runs", type=int, nargs="*", default=None, help=argparse.SUPPRESS)

@@ -56,8 +56,14 @@ def _mix_(z: torch.Tensor) -> torch.Tensor:
 
 def keep_probability(p: float) -> float:
     """The keep probability a mask really has: 1 - p rounded to a multiple of 2^-16
-    (exact for 0.5 and 0.8's neighbour 52429/65536 = 0.800003...)."""
-    return round((1.0 - p) * KEEP_RESOLUTION) / KEEP_RESOLUTION
+    (exact for 0.5; 0.8 becomes 52429/65536 = 0.800003...)."""
+    keep = round((1.0 - p) * KEEP_RESOLUTION) / KEEP_RESOLUTION
+    if keep <= 0.0:
+        raise ValueError(
+            f"dropout probability {p!r} keeps no unit at the masks' resolution of 2^-16: "
+            f"expected at most {1 - 1 / KEEP_RESOLUTION}"
+        )
+    return keep
 
 
 class MaskStream:
@@ -101,15 +107,79 @@ def dropout(
         return x * keep if style == "paper" else x
     kept = masks.keep_mask(x.shape, keep, x.device)
     scale = 1.0 / keep if style == "inverted" else 1.0
-    return x * torch.where(kept, scale, 0.0)
+    return (x * kept).mul_(scale)
 
 
-def _set_grad(param: torch.Tensor, into, fresh) -> None:
+def _set_grad(param: torch.Tensor, value_into) -> None:
     """Write a gradient into the parameter's existing ``.grad`` (no new 2.5 MB buffer a step)."""
     if param.grad is None:
-        param.grad = fresh()
+        param.grad = value_into(None)
     else:
-        into(param.grad)
+        value_into(param.grad)
+
+
+def _affine(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """h W^T + b, for one network (2-D h) or a stack of networks (3-D h, leading run axis)."""
+    if h.dim() == 2:
+        return torch.addmm(bias, h, weight.t())
+    return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+
+
+@torch.no_grad()
+def fused_step(layers, x, y, *, relu: bool, input_mask, hidden_mask, reduction: str):
+    """The training step of a dropout MLP by hand: forward, cross-entropy, backward into
+    ``.grad``. Returns ``(loss, logits)``.
+
+    ``layers`` is a list of (weight, bias) pairs. Tensors are either one network's (x: (B, 784))
+    or a stack of networks' with a leading run axis (x: (K, B, 784), weights (K, out, in), biases
+    (K, out)); every operation is the same elementwise or per-run matrix product either way, so a
+    run computes bit for bit the same numbers alone or stacked with others (on the CPU, a batched
+    product's slices equal the single products). ``input_mask`` and ``hidden_mask`` are ``None``
+    (no dropout) or ``f(shape, device) -> (kept, scale)``: a bool mask and the factor kept units
+    are multiplied by (1/q for inverted dropout, 1 for the paper's; a float or a per-run tensor).
+    """
+    h = x
+    if input_mask is not None:
+        kept, scale = input_mask(x.shape, x.device)
+        h = (x * kept).mul_(scale)
+    saved = []  # each layer's input, after dropout
+    derivs = []  # per hidden layer: what multiplies the gradient arriving at its output
+    for weight, bias in layers[:-1]:
+        saved.append(h)
+        a = _affine(h, weight, bias)
+        h = a.clamp_min_(0.0) if relu else a.sigmoid_()
+        slope = None if relu else h * (1.0 - h)
+        if hidden_mask is not None:
+            kept, scale = hidden_mask(h.shape, h.device)
+            h.mul_(kept).mul_(scale)
+            if slope is not None:
+                slope.mul_(kept).mul_(scale)
+        else:
+            scale = None
+        if relu:
+            d = h > 0  # the unit was active and kept
+            derivs.append((d, scale))
+        else:
+            derivs.append((slope, None))
+    saved.append(h)
+    logits = _affine(h, *layers[-1])
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = logp.gather(-1, y.unsqueeze(-1))
+    loss = -(picked.sum((-2, -1)) if reduction == "sum" else picked.mean((-2, -1)))
+    g = logp.exp_()  # d loss / d logits = softmax - onehot (over the batch size for a mean)
+    g.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(picked, -1.0))
+    if reduction == "mean":
+        g.div_(y.shape[-1])
+    for k in range(len(layers) - 1, -1, -1):
+        (weight, bias), h_in = layers[k], saved[k]
+        _set_grad(bias, lambda out: torch.sum(g, -2, out=out))
+        _set_grad(weight, lambda out: torch.matmul(g.transpose(-1, -2), h_in, out=out))
+        if k > 0:
+            d, scale = derivs[k - 1]
+            g = torch.matmul(g, weight).mul_(d)
+            if scale is not None:
+                g.mul_(scale)
+    return loss, logits
 
 
 class MLP(nn.Module):
@@ -163,58 +233,29 @@ class MLP(nn.Module):
         the batch) of the dropout network, and returns ``(loss, logits)``. Equal, up to float
         rounding, to ``forward`` in training mode plus ``loss.backward()`` (the tests check it);
         fused by hand because on a CPU the autograd bookkeeping and separate mask passes cost as
-        much as a third of the step. An inverted-dropout scale is folded into the next matrix
-        product's ``alpha``.
+        much as a third of the step.
         """
-        relu = self.activation is F.relu
         inverted = self.dropout_style == "inverted"
-        saved = []  # per layer: (its input after dropout, the scale on that input)
-        h, scale = x, 1.0
-        if self.input_dropout:
-            keep = keep_probability(self.input_dropout)
-            h = x * self.masks.keep_mask(x.shape, keep, x.device)
-            scale = 1.0 / keep if inverted else 1.0
-        derivs = []  # per hidden layer: what multiplies the incoming gradient
-        for layer in self.layers[:-1]:
-            saved.append((h, scale))
-            a = torch.addmm(layer.bias, h, layer.weight.t(), alpha=scale)
-            h = a.clamp_min_(0.0) if relu else a.sigmoid_()
-            kept = None
-            if self.hidden_dropout:
-                keep = keep_probability(self.hidden_dropout)
-                kept = self.masks.keep_mask(h.shape, keep, h.device)
-                scale = 1.0 / keep if inverted else 1.0
-            else:
-                scale = 1.0
-            if relu:
-                if kept is not None:
-                    h.mul_(kept)
-                derivs.append(h > 0)  # the unit was active and kept
-            else:
-                slope = h * (1.0 - h)
-                if kept is not None:
-                    slope.mul_(kept)
-                    h = h * kept
-                derivs.append(slope)
-        saved.append((h, scale))
-        out = self.layers[-1]
-        logits = torch.addmm(out.bias, h, out.weight.t(), alpha=scale)
-        logp = torch.log_softmax(logits, dim=1)
-        picked = logp.gather(1, y.unsqueeze(1))
-        loss = -(picked.sum() if reduction == "sum" else picked.mean())
-        g = logp.exp_()  # d loss / d logits = softmax - onehot (over the batch size for a mean)
-        g.scatter_add_(1, y.unsqueeze(1), torch.full_like(picked, -1.0))
-        if reduction == "mean":
-            g.div_(len(y))
-        for k in range(len(self.layers) - 1, -1, -1):
-            layer, (h_in, s) = self.layers[k], saved[k]
-            _set_grad(layer.bias, lambda out: torch.sum(g, 0, out=out), lambda: g.sum(0))
-            if s != 1.0:
-                g = g * s
-            _set_grad(layer.weight, lambda out: torch.mm(g.t(), h_in, out=out), lambda: g.t() @ h_in)
-            if k > 0:
-                g = torch.mm(g, layer.weight).mul_(derivs[k - 1])
-        return loss, logits
+
+        def masker(p):
+            if not p:
+                return None
+            keep = keep_probability(p)
+            return lambda shape, device: (
+                self.masks.keep_mask(shape, keep, device),
+                1.0 / keep if inverted else 1.0,
+            )
+
+        layers = [(layer.weight, layer.bias) for layer in self.layers]
+        return fused_step(
+            layers,
+            x,
+            y,
+            relu=self.activation is F.relu,
+            input_mask=masker(self.input_dropout),
+            hidden_mask=masker(self.hidden_dropout),
+            reduction=reduction,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         style, gen, train = self.dropout_style, self.masks, self.training

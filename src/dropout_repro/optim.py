@@ -93,10 +93,13 @@ class SGDHinton(Optimizer):
                 if "velocity" not in state:
                     state["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 velocities.append(state["velocity"])
+            # Written as plain products and sums (no fused alpha), so that the same arithmetic
+            # with per-run tensors in place of these floats gives bit-identical results.
             if weight_decay != 0:
-                grads = torch._foreach_add(grads, params, alpha=weight_decay)
+                grads = torch._foreach_add(grads, torch._foreach_mul(params, weight_decay))
+            steps = torch._foreach_mul(grads, -(1.0 - momentum) * lr)
             torch._foreach_mul_(velocities, momentum)
-            torch._foreach_add_(velocities, grads, alpha=-(1.0 - momentum) * lr)
+            torch._foreach_add_(velocities, steps)
             torch._foreach_add_(params, velocities)
             if max_norm:
                 for p in params:

@@ -24,7 +24,8 @@ def apply(optimizer, variant: dict, epoch: int) -> tuple[float, float]:
     """Set this epoch's learning rate and momentum in every parameter group; return them.
 
     For ``torch_sgd`` with ``dampening: momentum`` the dampening follows the momentum (the blog's
-    question (a)); Adam has no momentum to set, its betas stay fixed.
+    question (a)). Adam has no momentum schedule: its betas stay fixed, and the momentum returned
+    (and logged) is its beta1, the decay of its first-moment average.
     """
     lr = learning_rate(epoch, variant["lr0"], variant["lr_decay"])
     mom = momentum(
@@ -39,4 +40,6 @@ def apply(optimizer, variant: dict, epoch: int) -> tuple[float, float]:
             group["momentum"] = mom
         if variant["optimizer"] == "torch_sgd" and variant["dampening"] == "momentum":
             group["dampening"] = mom
+    if variant["optimizer"] == "adam":
+        mom = variant["adam_betas"][0]
     return lr, mom

@@ -78,6 +78,7 @@ class Run:
     seed: int
     train_limit: int | None
     device_type: str
+    data_digest: str
 
     def identity(self) -> dict:
         return {
@@ -86,6 +87,7 @@ class Run:
             "seed": self.seed,
             "train_limit": self.train_limit,
             "device_type": self.device_type,
+            "data": self.data_digest,
         }
 
 
@@ -105,6 +107,17 @@ def _metrics_csv(rows: list[dict]) -> bytes:
     for row in rows:
         writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
     return buf.getvalue().encode()
+
+
+@torch.no_grad()
+def data_digest(train: Split, test: Split) -> str:
+    """A cheap fingerprint of the data a run sees (sizes, label counts, pixel sums), so that a
+    checkpoint made on other data is refused."""
+    parts = []
+    for split in (train, test):
+        counts = torch.bincount(split.labels, minlength=10).tolist()
+        parts.append(f"{len(split)}:{counts}:{split.images.double().sum().item():.6e}")
+    return "|".join(parts)
 
 
 @torch.no_grad()
@@ -176,7 +189,9 @@ def train_run(
             str(data_root), dev, variant["input_mean"], variant["input_std"], train_limit
         )
     train, test = data
-    run = Run(variant, seed, train_limit, dev.type)
+    if train_limit is not None and len(train) > train_limit:
+        train = Split(train.images[:train_limit], train.labels[:train_limit])
+    run = Run(variant, seed, train_limit, dev.type, data_digest(train, test))
     ident = run.identity()
     run_fp = fingerprint(ident)
 
@@ -196,28 +211,29 @@ def train_run(
     resumed_from = None
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        why = None
         if ckpt.get("fingerprint") != run_fp:
-            why = _describe_mismatch(ckpt.get("identity", {}), ident)
+            why = "it was written for another run (" + _describe_mismatch(
+                ckpt.get("identity", {}), ident
+            ) + ")"
+        elif ckpt["epoch"] > epochs:
+            why = f"it holds {ckpt['epoch']} epochs, more than the {epochs} asked for"
+        if why is not None:
             if on_stale_checkpoint == "error":
                 raise CheckpointMismatch(
-                    f"{ckpt_path} was written for another run ({why}); it is not used. "
+                    f"{ckpt_path}: {why}; it is not used. "
                     "Delete it, or choose another output directory."
                 )
             os.replace(ckpt_path, out / "checkpoint.stale.pt")
-            log(f"checkpoint {ckpt_path} belongs to another run ({why}): moved aside, starting over")
+            log(f"checkpoint {ckpt_path}: {why}: moved aside to checkpoint.stale.pt, starting over")
         else:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             data_gen.set_state(ckpt["data_rng"])
             masks.counter = ckpt["mask_counter"]
             rows = ckpt["rows"]
-            start_epoch = ckpt["epoch"]
-            resumed_from = start_epoch
+            start_epoch = resumed_from = ckpt["epoch"]
             log(f"resuming from checkpoint at epoch {start_epoch}")
-            if start_epoch > epochs:
-                raise CheckpointMismatch(
-                    f"{ckpt_path} holds {start_epoch} epochs, more than the {epochs} asked for"
-                )
 
     def save_checkpoint(epoch: int) -> None:
         state = {
@@ -283,8 +299,8 @@ def train_run(
         if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs:
             save_checkpoint(epoch + 1)
 
-    if not rows:
-        _atomic_write(out / "metrics.csv", _metrics_csv(rows))
+    # Always: a resumed run that had nothing left to train still owes its metrics file.
+    _atomic_write(out / "metrics.csv", _metrics_csv(rows))
     finite = [r for r in rows if math.isfinite(r["train_loss"])]
     best = min(finite or rows, key=lambda r: r["test_errors"]) if rows else None
     summary = {

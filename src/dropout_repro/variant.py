@@ -69,6 +69,7 @@ def _check_range(
     if not ok:
         left = "(" if lo_open else "["
         right = ")" if hi_open else "]"
+        right = ")" if hi is None else right
         _fail(key, value, f"a number in {left}{lo}, {'inf' if hi is None else hi}{right}")
 
 
@@ -97,8 +98,10 @@ def resolve(variant: dict[str, Any] | None = None) -> dict[str, Any]:
     ):
         if v[key] not in allowed:
             _fail(key, v[key], "one of " + ", ".join(map(repr, allowed)))
-    _check_range("input_dropout", v["input_dropout"], 0, 1, hi_open=True)
-    _check_range("hidden_dropout", v["hidden_dropout"], 0, 1, hi_open=True)
+    for key in ("input_dropout", "hidden_dropout"):
+        _check_range(key, v[key], 0, 1, hi_open=True)
+        if v[key] > 1 - 2**-16:  # masks draw 16-bit numbers: keep at least 1 unit in 2^16
+            _fail(key, v[key], "a number in [0, 1) keeping at least 2^-16 of the units")
     _check_range("lr0", v["lr0"], 0, None, lo_open=True)
     _check_range("lr_decay", v["lr_decay"], 0, 1, lo_open=True)
     _check_range("momentum_initial", v["momentum_initial"], 0, 1, hi_open=True)
