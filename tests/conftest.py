@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 from pathlib import Path
@@ -71,3 +72,20 @@ def mnist_like_root(tmp_path_factory) -> Path:
         write_idx_images(raw / f"{prefix}-images-idx3-ubyte", images)
         write_idx_labels(raw / f"{prefix}-labels-idx1-ubyte", labels)
     return root
+
+
+# CI sets DROPOUT_REPRO_REQUIRE (e.g. "slurm,browser"): there a test of that mark that skips
+# because its service is missing is a failure, not a skip.
+REQUIRED = {m for m in os.environ.get("DROPOUT_REPRO_REQUIRE", "").split(",") if m}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and REQUIRED & {m.name for m in item.iter_markers()}:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"skipped, but DROPOUT_REPRO_REQUIRE={os.environ['DROPOUT_REPRO_REQUIRE']} says its "
+            f"service must be there: {report.longrepr}"
+        )
