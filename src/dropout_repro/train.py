@@ -135,6 +135,199 @@ def evaluate(model: MLP, split: Split, chunk: int = 10_000) -> tuple[torch.Tenso
     return loss / len(split), errors
 
 
+class RunState:
+    """One run's identity, network, optimiser, random streams and recorded epochs, and the files
+    it owns in its output directory (metrics.csv, summary.json, checkpoint.pt).
+
+    Both trainers use it: ``train_run`` trains its network directly; the grouped trainer
+    (``dropout_repro.batched``) trains a stack of networks and copies each run's slice in and out
+    of its ``RunState`` to read and write checkpoints, so the files are the same either way.
+    """
+
+    def __init__(
+        self,
+        variant: dict,
+        seed: int,
+        out_dir,
+        dev: torch.device,
+        train: Split,
+        test: Split,
+        train_limit: int | None,
+        variant_name: str = "",
+    ):
+        self.variant = variant
+        self.seed = seed
+        self.variant_name = variant_name
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.dev = dev
+        self.train_size, self.test_size = len(train), len(test)
+        self.identity = Run(
+            variant, seed, train_limit, dev.type, data_digest(train, test)
+        ).identity()
+        self.fingerprint = fingerprint(self.identity)
+        init_seed, data_seed, mask_seed = seed_streams(seed)
+        self.data_gen = torch.Generator().manual_seed(data_seed)
+        self.masks = MaskStream(mask_seed)
+        self.model = MLP.from_variant(
+            variant, generator=torch.Generator().manual_seed(init_seed)
+        ).to(dev)
+        self.model.masks = self.masks
+        others = [self.model.layers[-1].weight] + [layer.bias for layer in self.model.layers]
+        self.opt = build_optimizer(
+            variant, self.model.hidden_weights, others, self.model.layers[-1].weight
+        )
+        self.rows: list[dict] = []
+        self.start_epoch = 0
+        self.resumed_from: int | None = None
+        self.diverged_epoch: int | None = None
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / CHECKPOINT
+
+    def resume(self, epochs: int, on_stale_checkpoint: str, log) -> None:
+        """Load this run's checkpoint if there is one and it is this run's; refuse it otherwise."""
+        path = self.checkpoint_path
+        if not path.exists():
+            return
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        why = None
+        if ckpt.get("fingerprint") != self.fingerprint:
+            why = (
+                "it was written for another run ("
+                + _describe_mismatch(ckpt.get("identity", {}), self.identity)
+                + ")"
+            )
+        elif ckpt["epoch"] > epochs:
+            why = f"it holds {ckpt['epoch']} epochs, more than the {epochs} asked for"
+        if why is not None:
+            if on_stale_checkpoint == "error":
+                raise CheckpointMismatch(
+                    f"{path}: {why}; it is not used. Delete it, or choose another output directory."
+                )
+            os.replace(path, self.out / "checkpoint.stale.pt")
+            log(f"checkpoint {path}: {why}: moved aside to checkpoint.stale.pt, starting over")
+            return
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.data_gen.set_state(ckpt["data_rng"])
+        self.masks.counter = ckpt["mask_counter"]
+        self.rows = ckpt["rows"]
+        self.start_epoch = self.resumed_from = ckpt["epoch"]
+        log(f"resuming from checkpoint at epoch {self.start_epoch}")
+
+    def save_checkpoint(self, epoch: int) -> None:
+        state = {
+            "fingerprint": self.fingerprint,
+            "identity": self.identity,
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "data_rng": self.data_gen.get_state(),
+            "mask_counter": self.masks.counter,
+            "rows": self.rows,
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        _atomic_write(self.checkpoint_path, buf.getvalue())
+
+    def record(self, row: dict, epochs: int, checkpoint_every: int, log) -> bool:
+        """Keep an epoch's row, write metrics.csv (and a checkpoint when due); False once the
+        run has diverged."""
+        self.rows.append(row)
+        epoch = row["epoch"]
+        log(
+            f"epoch {epoch:5d}/{epochs}  test errors {row['test_errors']:5d}  "
+            f"lr {row['lr']:.4g}  momentum {row['momentum']:.4f}  {row['seconds']:.2f} s"
+        )
+        self.write_metrics()
+        if not (math.isfinite(row["train_loss"]) and math.isfinite(row["test_loss"])):
+            self.diverged_epoch = epoch
+            log(
+                f"diverged: the loss is not finite at epoch {epoch} "
+                f"(lr {row['lr']:.4g}); stopping this run"
+            )
+            return False
+        if epoch % checkpoint_every == 0 or epoch == epochs:
+            self.save_checkpoint(epoch)
+        return True
+
+    def write_metrics(self) -> None:
+        _atomic_write(self.out / "metrics.csv", _metrics_csv(self.rows))
+
+    def finish(self, epochs: int, tf32: bool, wall_seconds: float) -> dict:
+        # Always: a resumed run that had nothing left to train still owes its metrics file.
+        self.write_metrics()
+        rows = self.rows
+        finite = [r for r in rows if math.isfinite(r["train_loss"])]
+        best = min(finite or rows, key=lambda r: r["test_errors"]) if rows else None
+        summary = {
+            "variant_name": self.variant_name,
+            "seed": self.seed,
+            "epochs_requested": epochs,
+            "epochs_completed": len(rows),
+            "final_test_errors": rows[-1]["test_errors"] if rows else None,
+            "best_test_errors": best["test_errors"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "diverged": self.diverged_epoch is not None,
+            "diverged_epoch": self.diverged_epoch,
+            "variant": self.variant,
+            "fingerprint": self.fingerprint,
+            "device": describe_device(self.dev),
+            "torch_version": torch.__version__,
+            "tf32": bool(tf32),
+            "threads": torch.get_num_threads(),
+            "train_size": self.train_size,
+            "test_size": self.test_size,
+            "resumed_from_epoch": self.resumed_from,
+            "wall_seconds": wall_seconds,
+            "package_version": __version__,
+        }
+        _atomic_write(self.out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+        return summary
+
+
+def check_run_arguments(epochs, checkpoint_every, on_stale_checkpoint) -> None:
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs = {epochs!r} is not valid: expected an integer >= 1")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(
+            f"checkpoint_every = {checkpoint_every!r} is not valid: expected an integer >= 1"
+        )
+    if on_stale_checkpoint not in ("error", "restart"):
+        raise ValueError(
+            f"on_stale_checkpoint = {on_stale_checkpoint!r}: expected error or restart"
+        )
+
+
+def prepare_device(device: str, threads: int | None, tf32: bool) -> tuple[torch.device, bool]:
+    """The training device, set up; returns it and whether TF32 is in effect."""
+    if threads:
+        torch.set_num_threads(threads)
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        # TF32 matmuls: ~8x the fp32 rate on recent GPUs, 10-bit mantissa products; recorded.
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        return dev, tf32
+    keep_freed_memory()
+    return dev, False
+
+
+def prepare_data(variant, data_root, data, dev, train_limit) -> tuple[Split, Split]:
+    if data is None:
+        if data_root is None:
+            raise ValueError("training needs data_root or data")
+        data = load_mnist(
+            str(data_root), dev, variant["input_mean"], variant["input_std"], train_limit
+        )
+    train, test = data
+    if train_limit is not None and len(train) > train_limit:
+        train = Split(train.images[:train_limit], train.labels[:train_limit])
+    return train, test
+
+
 def train_run(
     variant: dict,
     seed: int,
@@ -154,179 +347,70 @@ def train_run(
     """Train one run and return its summary (also written to ``summary.json``).
 
     ``on_stale_checkpoint``: what to do with a checkpoint written for another run (other
-    hyperparameters, seed, data or device): ``"error"`` raises ``CheckpointMismatch``;
-    ``"restart"`` says so on the log, moves it aside to ``checkpoint.stale.pt`` and starts over.
-    Either way it is never used.
+    hyperparameters, seed, data or device) or holding more epochs than asked for: ``"error"``
+    raises ``CheckpointMismatch``; ``"restart"`` says so on the log, moves it aside to
+    ``checkpoint.stale.pt`` and starts over. Either way it is never used.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs = {epochs!r} is not valid: expected an integer >= 1")
-    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise ValueError(
-            f"checkpoint_every = {checkpoint_every!r} is not valid: expected an integer >= 1"
-        )
-    if on_stale_checkpoint not in ("error", "restart"):
-        raise ValueError(f"on_stale_checkpoint = {on_stale_checkpoint!r}: expected error or restart")
+    check_run_arguments(epochs, checkpoint_every, on_stale_checkpoint)
     variant = resolve(variant)
-    if threads:
-        torch.set_num_threads(threads)
-    dev = pick_device(device)
-    if dev.type == "cuda":
-        # TF32 matmuls: ~8x the fp32 rate on recent GPUs, 10-bit mantissa products; recorded.
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-    else:
-        tf32 = False
-        keep_freed_memory()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    dev, tf32 = prepare_device(device, threads, tf32)
     started = time.time()
-
-    if data is None:
-        if data_root is None:
-            raise ValueError("train_run needs data_root or data")
-        data = load_mnist(
-            str(data_root), dev, variant["input_mean"], variant["input_std"], train_limit
-        )
-    train, test = data
-    if train_limit is not None and len(train) > train_limit:
-        train = Split(train.images[:train_limit], train.labels[:train_limit])
-    run = Run(variant, seed, train_limit, dev.type, data_digest(train, test))
-    ident = run.identity()
-    run_fp = fingerprint(ident)
-
-    init_seed, data_seed, mask_seed = seed_streams(seed)
-    init_gen = torch.Generator().manual_seed(init_seed)
-    data_gen = torch.Generator().manual_seed(data_seed)
-    masks = MaskStream(mask_seed)
-    model = MLP.from_variant(variant, generator=init_gen).to(dev)
-    model.masks = masks
-    hidden_w = model.hidden_weights
-    others = [model.layers[-1].weight] + [layer.bias for layer in model.layers]
-    opt = build_optimizer(variant, hidden_w, others, model.layers[-1].weight)
-
-    rows: list[dict] = []
-    start_epoch = 0
-    ckpt_path = out / CHECKPOINT
-    resumed_from = None
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        why = None
-        if ckpt.get("fingerprint") != run_fp:
-            why = "it was written for another run (" + _describe_mismatch(
-                ckpt.get("identity", {}), ident
-            ) + ")"
-        elif ckpt["epoch"] > epochs:
-            why = f"it holds {ckpt['epoch']} epochs, more than the {epochs} asked for"
-        if why is not None:
-            if on_stale_checkpoint == "error":
-                raise CheckpointMismatch(
-                    f"{ckpt_path}: {why}; it is not used. "
-                    "Delete it, or choose another output directory."
-                )
-            os.replace(ckpt_path, out / "checkpoint.stale.pt")
-            log(f"checkpoint {ckpt_path}: {why}: moved aside to checkpoint.stale.pt, starting over")
-        else:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            data_gen.set_state(ckpt["data_rng"])
-            masks.counter = ckpt["mask_counter"]
-            rows = ckpt["rows"]
-            start_epoch = resumed_from = ckpt["epoch"]
-            log(f"resuming from checkpoint at epoch {start_epoch}")
-
-    def save_checkpoint(epoch: int) -> None:
-        state = {
-            "fingerprint": run_fp,
-            "identity": ident,
-            "epoch": epoch,
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "data_rng": data_gen.get_state(),
-            "mask_counter": masks.counter,
-            "rows": rows,
-        }
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        _atomic_write(ckpt_path, buf.getvalue())
-
-    diverged_epoch = None
+    train, test = prepare_data(variant, data_root, data, dev, train_limit)
+    run = RunState(variant, seed, out_dir, dev, train, test, train_limit, variant_name)
+    run.resume(epochs, on_stale_checkpoint, log)
+    model, opt = run.model, run.opt
     reduction = variant["loss_reduction"]
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(run.start_epoch, epochs):
         t0 = time.perf_counter()
         lr, mom = schedules.apply(opt, variant, epoch)
         loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
         err_sum = torch.zeros((), device=dev, dtype=torch.int64)
-        for idx in epoch_batches(len(train), variant["batch_size"], data_gen, dev):
+        for idx in epoch_batches(len(train), variant["batch_size"], run.data_gen, dev):
             x, y = train.images[idx], train.labels[idx]
             loss, logits = model.train_step(x, y, reduction)
             opt.step()
             with torch.no_grad():
-                batch_sum = loss.detach() if reduction == "sum" else loss.detach() * len(idx)
+                batch_sum = loss if reduction == "sum" else loss * len(idx)
                 loss_sum += batch_sum.double()
-                err_sum += (logits.argmax(1) != y).sum()
+                err_sum += (logits.argmax(-1) != y).sum()
         test_loss, test_err = evaluate(model, test)
-        norm = max_row_norm(hidden_w)
+        norm = max_row_norm(model.hidden_weights)
         # One host sync per epoch: everything above stays on the device until here.
-        train_loss = loss_sum.item() / len(train)
-        test_errors = int(test_err.item())
-        row = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "momentum": mom,
-            "train_loss": train_loss,
-            "train_errors": int(err_sum.item()),
-            "test_loss": test_loss.item(),
-            "test_errors": test_errors,
-            "test_error_pct": 100.0 * test_errors / len(test),
-            "max_row_norm": norm.item(),
-            "seconds": time.perf_counter() - t0,
-        }
-        rows.append(row)
-        log(
-            f"epoch {epoch + 1:5d}/{epochs}  test errors {test_errors:5d}  "
-            f"lr {lr:.4g}  momentum {mom:.4f}  {row['seconds']:.2f} s"
+        row = epoch_row(
+            epoch,
+            lr,
+            mom,
+            loss_sum.item(),
+            int(err_sum.item()),
+            len(train),
+            test_loss.item(),
+            int(test_err.item()),
+            len(test),
+            norm.item(),
+            t0,
         )
-        if not (math.isfinite(train_loss) and math.isfinite(row["test_loss"])):
-            diverged_epoch = epoch + 1
-            log(
-                f"diverged: the loss is not finite at epoch {diverged_epoch} "
-                f"(lr {lr:.4g}); stopping this run"
-            )
-            _atomic_write(out / "metrics.csv", _metrics_csv(rows))
+        if not run.record(row, epochs, checkpoint_every, log):
             break
-        _atomic_write(out / "metrics.csv", _metrics_csv(rows))
-        if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs:
-            save_checkpoint(epoch + 1)
+    return run.finish(epochs, tf32, time.time() - started)
 
-    # Always: a resumed run that had nothing left to train still owes its metrics file.
-    _atomic_write(out / "metrics.csv", _metrics_csv(rows))
-    finite = [r for r in rows if math.isfinite(r["train_loss"])]
-    best = min(finite or rows, key=lambda r: r["test_errors"]) if rows else None
-    summary = {
-        "variant_name": variant_name,
-        "seed": seed,
-        "epochs_requested": epochs,
-        "epochs_completed": len(rows),
-        "final_test_errors": rows[-1]["test_errors"] if rows else None,
-        "best_test_errors": best["test_errors"] if best else None,
-        "best_epoch": best["epoch"] if best else None,
-        "diverged": diverged_epoch is not None,
-        "diverged_epoch": diverged_epoch,
-        "variant": variant,
-        "fingerprint": run_fp,
-        "device": describe_device(dev),
-        "torch_version": torch.__version__,
-        "tf32": bool(tf32),
-        "threads": torch.get_num_threads(),
-        "train_size": len(train),
-        "test_size": len(test),
-        "resumed_from_epoch": resumed_from,
-        "wall_seconds": time.time() - started,
-        "package_version": __version__,
+
+def epoch_row(
+    epoch, lr, mom, loss_sum, train_errors, n_train, test_loss, test_errors, n_test, norm, t0
+) -> dict:
+    """One line of metrics.csv (``epoch`` counted from 0 here, from 1 in the file)."""
+    return {
+        "epoch": epoch + 1,
+        "lr": lr,
+        "momentum": mom,
+        "train_loss": loss_sum / n_train,
+        "train_errors": train_errors,
+        "test_loss": test_loss,
+        "test_errors": test_errors,
+        "test_error_pct": 100.0 * test_errors / n_test,
+        "max_row_norm": norm,
+        "seconds": time.perf_counter() - t0,
     }
-    _atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-    return summary
 
 
 def _describe_mismatch(old: dict, new: dict) -> str:
