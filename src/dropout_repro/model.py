@@ -118,11 +118,34 @@ def _set_grad(param: torch.Tensor, value_into) -> None:
         value_into(param.grad)
 
 
+def _per_run(h: torch.Tensor) -> bool:
+    # On the CPU a stack is multiplied run by run with the very kernel a single run uses: BLAS
+    # may block a batched product of some shapes (the 10-row output layer's) differently, and a
+    # run must not depend on its company. On a GPU the batched product is the point.
+    return h.dim() == 3 and h.device.type == "cpu"
+
+
 def _affine(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """h W^T + b, for one network (2-D h) or a stack of networks (3-D h, leading run axis)."""
     if h.dim() == 2:
         return torch.addmm(bias, h, weight.t())
+    if _per_run(h):
+        out = h.new_empty(h.shape[0], h.shape[1], weight.shape[1])
+        for k in range(h.shape[0]):
+            torch.addmm(bias[k], h[k], weight[k].t(), out=out[k])
+        return out
     return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b for one network or a stack, into ``out`` when given."""
+    if not _per_run(a):
+        return torch.matmul(a, b, out=out)
+    if out is None:
+        out = a.new_empty(a.shape[0], a.shape[1], b.shape[-1])
+    for k in range(a.shape[0]):
+        torch.mm(a[k], b[k], out=out[k])
+    return out
 
 
 @torch.no_grad()
@@ -173,10 +196,10 @@ def fused_step(layers, x, y, *, relu: bool, input_mask, hidden_mask, reduction: 
     for k in range(len(layers) - 1, -1, -1):
         (weight, bias), h_in = layers[k], saved[k]
         _set_grad(bias, lambda out: torch.sum(g, -2, out=out))
-        _set_grad(weight, lambda out: torch.matmul(g.transpose(-1, -2), h_in, out=out))
+        _set_grad(weight, lambda out: _matmul(g.transpose(-1, -2), h_in, out=out))
         if k > 0:
             d, scale = derivs[k - 1]
-            g = torch.matmul(g, weight).mul_(d)
+            g = _matmul(g, weight).mul_(d)
             if scale is not None:
                 g.mul_(scale)
     return loss, logits

@@ -20,26 +20,32 @@ def momentum(epoch: int, initial: float, final: float, ramp_epochs: int) -> floa
     return frac * final + (1.0 - frac) * initial
 
 
-def apply(optimizer, variant: dict, epoch: int) -> tuple[float, float]:
-    """Set this epoch's learning rate and momentum in every parameter group; return them.
-
-    For ``torch_sgd`` with ``dampening: momentum`` the dampening follows the momentum (the blog's
-    question (a)). Adam has no momentum schedule: its betas stay fixed, and the momentum returned
-    (and logged) is its beta1, the decay of its first-moment average.
-    """
+def values(variant: dict, epoch: int) -> tuple[float, float]:
+    """This epoch's learning rate and momentum for a resolved variant. Adam has no momentum
+    schedule: the momentum given for it is its beta1, the decay of its first-moment average."""
     lr = learning_rate(epoch, variant["lr0"], variant["lr_decay"])
+    if variant["optimizer"] == "adam":
+        return lr, variant["adam_betas"][0]
     mom = momentum(
         epoch,
         variant["momentum_initial"],
         variant["momentum_final"],
         variant["momentum_ramp_epochs"],
     )
+    return lr, mom
+
+
+def apply(optimizer, variant: dict, epoch: int) -> tuple[float, float]:
+    """Set this epoch's learning rate and momentum in every parameter group; return them.
+
+    For ``torch_sgd`` with ``dampening: momentum`` the dampening follows the momentum (the blog's
+    question (a)). Adam's betas stay fixed.
+    """
+    lr, mom = values(variant, epoch)
     for group in optimizer.param_groups:
         group["lr"] = lr
         if variant["optimizer"] != "adam":
             group["momentum"] = mom
         if variant["optimizer"] == "torch_sgd" and variant["dampening"] == "momentum":
             group["dampening"] = mom
-    if variant["optimizer"] == "adam":
-        mom = variant["adam_betas"][0]
     return lr, mom

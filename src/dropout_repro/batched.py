@@ -1,0 +1,439 @@
+"""Training a group of runs as one stacked model.
+
+Runs that share an architecture and an optimiser family are trained in lockstep: every weight
+matrix gets a leading run axis (batched matrix products), and the hyperparameters that may differ
+between them (dropout rates, learning rate, momentum, max-norm, weight decay) become per-run
+tensors. Each run keeps its own random streams (initial weights, data order, dropout masks) derived
+from its seed, and every operation is the same per-run arithmetic as the single-run trainer's, so
+a run gives the same numbers whether it trains alone or in a group (on the CPU, bit for bit: a
+batched product's slices equal the single products). Each run still owns its files
+(metrics.csv, summary.json, checkpoint.pt) in the single-run format: a grouped run resumes
+alone, and the other way round.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from . import schedules
+from .model import _GOLDEN, _MASK64, KEEP_RESOLUTION, _affine, _mix_, _signed, fused_step
+from .model import keep_probability, splitmix64
+from .optim import renorm_rows_
+from .train import (
+    RunState,
+    check_run_arguments,
+    epoch_row,
+    prepare_data,
+    prepare_device,
+)
+from .variant import resolve
+
+# What every run of a group must share; everything else in a variant may differ run by run.
+SHARED_KEYS = (
+    "hidden",
+    "activation",
+    "dropout_style",
+    "optimizer",
+    "batch_size",
+    "loss_reduction",
+    "init_std",
+    "input_mean",
+    "input_std",
+    "max_norm_output",
+)
+# Adam's update folds weight decay into a fused product, and its betas and epsilon into shared
+# scalars; runs that differ in these train apart.
+ADAM_SHARED_KEYS = ("adam_betas", "adam_eps", "weight_decay")
+BATCHED_OPTIMIZERS = ("sgd_hinton", "adam")
+
+
+def group_key(variant: dict) -> tuple | None:
+    """Runs with equal keys can share a process; ``None`` for a variant that trains alone
+    (``torch_sgd``, whose optimiser is torch's own)."""
+    v = resolve(variant)
+    if v["optimizer"] not in BATCHED_OPTIMIZERS:
+        return None
+    keys = SHARED_KEYS + (ADAM_SHARED_KEYS if v["optimizer"] == "adam" else ())
+    return tuple((k, tuple(v[k]) if isinstance(v[k], list) else v[k]) for k in keys)
+
+
+@dataclass
+class RunSpec:
+    """One run of a group: its variant (overrides or resolved), seed, output directory, name."""
+
+    variant: dict
+    seed: int
+    out_dir: str
+    name: str = ""
+
+
+def _runs_tensor(values, dev, shape=(-1,)) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=dev).view(*shape)
+
+
+class GroupMasks:
+    """The dropout masks of a group: for each run, exactly the mask its own ``MaskStream`` would
+    give it alone, computed for all runs in one pass. A run that does not drop at this layer
+    draws nothing (its stream does not advance) and keeps every unit."""
+
+    def __init__(self, runs: list[RunState], probs: list[float], style: str, dev):
+        self.runs = runs
+        self.active = [p > 0 for p in probs]
+        keeps = [keep_probability(p) if p > 0 else 1.0 for p in probs]
+        half = KEEP_RESOLUTION // 2
+        # int16 draws lie in [-2^15, 2^15): a threshold of 2^15 keeps everything.
+        thresholds = [
+            round(k * KEEP_RESOLUTION) - half if a else half for k, a in zip(keeps, self.active)
+        ]
+        self.threshold = torch.tensor(thresholds, dtype=torch.int64, device=dev).view(-1, 1)
+        scales = [
+            1.0 / k if (style == "inverted" and a) else 1.0 for k, a in zip(keeps, self.active)
+        ]
+        self.scale = _runs_tensor(scales, dev, (-1, 1, 1))
+        self._iota = {}
+
+    def __call__(self, shape, device):
+        k, tail = shape[0], shape[1:]
+        n = math.prod(tail)
+        words = (n + 3) // 4
+        if words not in self._iota:
+            self._iota[words] = torch.arange(words, dtype=torch.int64, device=device)
+        bases = []
+        for run, active in zip(self.runs, self.active):
+            stream = run.masks
+            bases.append(_signed(splitmix64((stream.key + stream.counter * _GOLDEN) & _MASK64)))
+            if active:
+                stream.counter += 1
+        base = torch.tensor(bases, dtype=torch.int64, device=device).view(-1, 1)
+        z = self._iota[words].mul(_signed(_GOLDEN)).unsqueeze(0).add(base)
+        draws = _mix_(z).view(torch.int16)[:, :n].reshape(k, *tail)
+        kept = draws < self.threshold.view(k, *([1] * len(tail)))
+        return kept, self.scale
+
+
+class GroupSGDHinton:
+    """SGDHinton over stacked weights, with per-run learning rate, momentum, weight decay and
+    max-norm: the same products and sums, per element, as ``optim.SGDHinton``."""
+
+    def __init__(self, params, hidden_weights, output_weight, variants, dev):
+        self.params = params
+        self.velocities = [torch.zeros_like(p) for p in params]
+        wd = [v["weight_decay"] for v in variants]
+        self.weight_decay = _runs_tensor(wd, dev) if any(wd) else None
+        norms = [v["max_norm"] or math.inf for v in variants]
+        self.hidden_weights = hidden_weights
+        self.output_weight = output_weight if variants[0]["max_norm_output"] else None
+        self.max_norm = _runs_tensor(norms, dev, (-1, 1))
+        self.coef = self.momentum = None
+
+    def set_epoch(self, lrs, moms, dev) -> None:
+        self.momentum = _runs_tensor(moms, dev)
+        self.coef = _runs_tensor([-(1.0 - m) * lr for lr, m in zip(lrs, moms)], dev)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p, v in zip(self.params, self.velocities):
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            g = p.grad
+            if self.weight_decay is not None:
+                wd = self.weight_decay.view(shape)
+                g = torch.where(wd != 0, g + p * wd, g)
+            step = g * self.coef.view(shape)
+            v.mul_(self.momentum.view(shape)).add_(step)
+            p.add_(v)
+        for w in self.hidden_weights + (
+            [self.output_weight] if self.output_weight is not None else []
+        ):
+            _renorm_runs_(w, self.max_norm)
+
+    def run_state(self, k: int, param_index: int) -> dict:
+        return {"velocity": self.velocities[param_index][k].clone()}
+
+    def load_run_state(self, k: int, param_index: int, state: dict) -> None:
+        self.velocities[param_index][k].copy_(state["velocity"])
+
+
+class GroupAdam:
+    """torch.optim.Adam's update (its single-tensor path, as on the CPU) over stacked weights, with
+    a per-run learning rate, followed by the per-run max-norm."""
+
+    def __init__(self, params, hidden_weights, output_weight, variants, dev):
+        self.params = params
+        self.exp_avg = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+        v0 = variants[0]
+        self.beta1, self.beta2 = v0["adam_betas"]
+        self.eps, self.weight_decay = v0["adam_eps"], v0["weight_decay"]
+        self.steps = 0
+        norms = [v["max_norm"] or math.inf for v in variants]
+        self.hidden_weights = hidden_weights
+        self.output_weight = output_weight if v0["max_norm_output"] else None
+        self.max_norm = _runs_tensor(norms, dev, (-1, 1))
+        self.lrs = None
+
+    def set_epoch(self, lrs, moms, dev) -> None:
+        self.lrs = lrs
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        bc1 = 1 - self.beta1**self.steps
+        bc2_sqrt = (1 - self.beta2**self.steps) ** 0.5
+        neg_step = _runs_tensor([-(lr / bc1) for lr in self.lrs], self.params[0].device)
+        for p, m, s in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            g = p.grad
+            if self.weight_decay != 0:
+                g = g.add(p, alpha=self.weight_decay)
+            m.lerp_(g, 1 - self.beta1)
+            s.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+            denom = (s.sqrt() / bc2_sqrt).add_(self.eps)
+            # addcdiv_(m, denom, value=-step_size) computes p + (value * m) / denom.
+            p.add_(m.mul(neg_step.view((-1,) + (1,) * (p.dim() - 1))).div_(denom))
+        for w in self.hidden_weights + (
+            [self.output_weight] if self.output_weight is not None else []
+        ):
+            _renorm_runs_(w, self.max_norm)
+
+    def run_state(self, k: int, param_index: int) -> dict:
+        return {
+            "step": torch.tensor(float(self.steps)),
+            "exp_avg": self.exp_avg[param_index][k].clone(),
+            "exp_avg_sq": self.exp_avg_sq[param_index][k].clone(),
+        }
+
+    def load_run_state(self, k: int, param_index: int, state: dict) -> None:
+        self.steps = int(state["step"].item())
+        self.exp_avg[param_index][k].copy_(state["exp_avg"])
+        self.exp_avg_sq[param_index][k].copy_(state["exp_avg_sq"])
+
+
+@torch.no_grad()
+def _renorm_runs_(weight: torch.Tensor, max_norm: torch.Tensor) -> None:
+    """``renorm_rows_`` for each run's matrix at once; a bound of inf leaves a run untouched."""
+    norms = torch.linalg.vector_norm(weight, dim=-1)
+    weight.mul_((max_norm / norms).clamp_(max=1.0).unsqueeze(-1))
+
+
+assert renorm_rows_  # the single-run constraint these mirror
+
+
+class Group:
+    """The stacked model of a group of ``RunState``s that start at the same epoch."""
+
+    def __init__(self, runs: list[RunState], dev):
+        self.runs = runs
+        v0 = runs[0].variant
+        self.variants = [r.variant for r in runs]
+        n_layers = len(v0["hidden"]) + 1
+        self.weights = [
+            torch.stack([r.model.layers[i].weight.detach() for r in runs]).contiguous()
+            for i in range(n_layers)
+        ]
+        self.biases = [
+            torch.stack([r.model.layers[i].bias.detach() for r in runs]).contiguous()
+            for i in range(n_layers)
+        ]
+        self.layers = list(zip(self.weights, self.biases))
+        # The single-run optimiser's parameter order: hidden weights, output weight, biases.
+        self.params = self.weights[:-1] + [self.weights[-1]] + self.biases
+        cls = GroupAdam if v0["optimizer"] == "adam" else GroupSGDHinton
+        self.opt = cls(self.params, self.weights[:-1], self.weights[-1], self.variants, dev)
+        style = v0["dropout_style"]
+        self.input_masks = GroupMasks(runs, [v["input_dropout"] for v in self.variants], style, dev)
+        self.hidden_masks = GroupMasks(
+            runs, [v["hidden_dropout"] for v in self.variants], style, dev
+        )
+        self.any_input = any(v["input_dropout"] for v in self.variants)
+        self.any_hidden = any(v["hidden_dropout"] for v in self.variants)
+        self.relu = v0["activation"] == "relu"
+        self.paper = style == "paper"
+        self._load_optimizer_states()
+
+    def _single_params(self, run: RunState):
+        m = run.model
+        return m.hidden_weights + [m.layers[-1].weight] + [layer.bias for layer in m.layers]
+
+    def _single_opt(self, run: RunState):
+        return getattr(run.opt, "optimizer", run.opt)  # torch's Adam inside its max-norm wrapper
+
+    def _load_optimizer_states(self) -> None:
+        for k, run in enumerate(self.runs):
+            opt = self._single_opt(run)
+            for i, p in enumerate(self._single_params(run)):
+                if p in opt.state and opt.state[p]:
+                    self.opt.load_run_state(k, i, opt.state[p])
+
+    def sync_to_runs(self) -> None:
+        """Copy each run's slice into its own network and optimiser (for its checkpoint)."""
+        for k, run in enumerate(self.runs):
+            with torch.no_grad():
+                for i, layer in enumerate(run.model.layers):
+                    layer.weight.copy_(self.weights[i][k])
+                    layer.bias.copy_(self.biases[i][k])
+            opt = self._single_opt(run)
+            for i, p in enumerate(self._single_params(run)):
+                opt.state[p] = self.opt.run_state(k, i)
+
+    @torch.no_grad()
+    def evaluate(self, test, chunk: int = 10_000):
+        """Per run: mean cross-entropy and error count on the test set, as in ``train.evaluate``."""
+        K = len(self.runs)
+        dev = test.images.device
+        loss = torch.zeros(K, device=dev, dtype=torch.float64)
+        errors = torch.zeros(K, device=dev, dtype=torch.int64)
+        in_keep = _runs_tensor(
+            [
+                keep_probability(v["input_dropout"]) if v["input_dropout"] else 1.0
+                for v in self.variants
+            ],
+            dev,
+            (-1, 1, 1),
+        )
+        hid_keep = _runs_tensor(
+            [
+                keep_probability(v["hidden_dropout"]) if v["hidden_dropout"] else 1.0
+                for v in self.variants
+            ],
+            dev,
+            (-1, 1, 1),
+        )
+        for start in range(0, len(test), chunk):
+            x = test.images[start : start + chunk]
+            y = test.labels[start : start + chunk]
+            h = x.unsqueeze(0).expand(K, *x.shape)
+            if self.paper and self.any_input:
+                h = h * in_keep
+            for w, b in self.layers[:-1]:
+                h = _affine(h, w, b)
+                h = h.clamp_min_(0.0) if self.relu else h.sigmoid_()
+                if self.paper and self.any_hidden:
+                    h = h * hid_keep
+            w, b = self.layers[-1]
+            logits = _affine(h, w, b)
+            # Per run, the very reduction train.evaluate makes (a float32 sum, then float64).
+            loss += torch.stack(
+                [F.cross_entropy(logits[k], y, reduction="sum").double() for k in range(K)]
+            )
+            errors += (logits.argmax(-1) != y.unsqueeze(0)).sum(-1)
+        return loss / len(test), errors
+
+    @torch.no_grad()
+    def max_row_norms(self) -> torch.Tensor:
+        per_layer = [torch.linalg.vector_norm(w, dim=-1).amax(-1) for w in self.weights[:-1]]
+        return torch.stack(per_layer).amax(0)
+
+
+def train_group(
+    specs: list[RunSpec],
+    epochs: int,
+    data_root=None,
+    data=None,
+    device: str = "auto",
+    checkpoint_every: int = 10,
+    train_limit: int | None = None,
+    threads: int | None = None,
+    tf32: bool = True,
+    on_stale_checkpoint: str = "error",
+    log=None,
+) -> list[dict]:
+    """Train several runs in one process, stacked; return their summaries (in ``specs`` order).
+
+    The runs must share ``group_key``. Runs whose checkpoints stand at different epochs are
+    trained as separate stacks, one after the other.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    check_run_arguments(epochs, checkpoint_every, on_stale_checkpoint)
+    if not specs:
+        raise ValueError("train_group needs at least one run")
+    variants = [resolve(s.variant) for s in specs]
+    keys = {group_key(v) for v in variants}
+    if None in keys or len(keys) != 1:
+        raise ValueError(
+            "these runs cannot share a stack: they must use sgd_hinton or adam and agree on "
+            + ", ".join(SHARED_KEYS)
+            + " (and, for adam, on "
+            + ", ".join(ADAM_SHARED_KEYS)
+            + ")"
+        )
+    dev, tf32 = prepare_device(device, threads, tf32)
+    started = time.time()
+    train, test = prepare_data(variants[0], data_root, data, dev, train_limit)
+    runs = []
+    for spec, variant in zip(specs, variants):
+        prefix = f"[{spec.name or 'run'} seed {spec.seed}] "
+        run = RunState(variant, spec.seed, spec.out_dir, dev, train, test, train_limit, spec.name)
+        run.log = (lambda p: (lambda msg: log(p + msg)))(prefix)
+        run.resume(epochs, on_stale_checkpoint, run.log)
+        runs.append(run)
+    by_start: dict[int, list[RunState]] = {}
+    for run in runs:
+        by_start.setdefault(run.start_epoch, []).append(run)
+    for start in sorted(by_start):
+        _train_stack(by_start[start], start, epochs, train, test, dev, checkpoint_every, log)
+    wall = time.time() - started
+    return [run.finish(epochs, tf32, wall) for run in runs]
+
+
+def _train_stack(runs, start_epoch, epochs, train, test, dev, checkpoint_every, log) -> None:
+    group = Group(runs, dev)
+    K = len(runs)
+    v0 = runs[0].variant
+    bs, reduction = v0["batch_size"], v0["loss_reduction"]
+    n = len(train)
+    live = [True] * K
+    for epoch in range(start_epoch, epochs):
+        t0 = time.perf_counter()
+        lrs, moms = zip(*(schedules.values(r.variant, epoch) for r in runs))
+        group.opt.set_epoch(lrs, moms, dev)
+        # Each run's own permutation from its own generator, as train_run draws it.
+        perms = torch.stack([torch.randperm(n, generator=r.data_gen) for r in runs]).to(dev)
+        loss_sum = torch.zeros(K, device=dev, dtype=torch.float64)
+        err_sum = torch.zeros(K, device=dev, dtype=torch.int64)
+        for idx in torch.split(perms, bs, dim=1):
+            x, y = train.images[idx], train.labels[idx]
+            loss, logits = fused_step(
+                group.layers,
+                x,
+                y,
+                relu=group.relu,
+                input_mask=group.input_masks if group.any_input else None,
+                hidden_mask=group.hidden_masks if group.any_hidden else None,
+                reduction=reduction,
+            )
+            group.opt.step()
+            with torch.no_grad():
+                batch_sum = loss if reduction == "sum" else loss * idx.shape[1]
+                loss_sum += batch_sum.double()
+                err_sum += (logits.argmax(-1) != y).sum(-1)
+        test_loss, test_err = group.evaluate(test)
+        norms = group.max_row_norms()
+        loss_sum, err_sum = loss_sum.tolist(), err_sum.tolist()
+        test_loss, test_err, norms = test_loss.tolist(), test_err.tolist(), norms.tolist()
+        due = (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs
+        if due:
+            group.sync_to_runs()
+        for k, run in enumerate(runs):
+            if not live[k]:
+                continue
+            row = epoch_row(
+                epoch,
+                lrs[k],
+                moms[k],
+                loss_sum[k],
+                err_sum[k],
+                n,
+                test_loss[k],
+                test_err[k],
+                len(test),
+                norms[k],
+                t0,
+            )
+            live[k] = run.record(row, epochs, checkpoint_every, run.log)
+        if not any(live):
+            break
