@@ -188,3 +188,26 @@ def test_snakemake_report_builds_a_zip(finished_run):
         names = z.namelist()
     assert any(n.endswith("figure1.svg") for n in names)
     assert any(n.endswith("final_errors.csv") for n in names)
+
+
+@pytest.mark.slow
+def test_grouped_jobs_give_the_same_numbers_as_one_job_per_run(finished_run, tmp_path):
+    wd, _ = finished_run
+    grouped = copy_workflow(tmp_path / "grouped")
+    write_config(
+        grouped / "tiny.yaml",
+        {"data": {"sources": real_mnist_sources()}, "group_runs": True},
+    )
+    proc = snakemake(grouped, "--cores", "2", "--configfile", "config/test.yaml", "tiny.yaml")
+    out = proc.stdout + proc.stderr
+    assert "train_group1" in out and "rule train:" not in out
+    config = yaml.safe_load((ROOT / "config/test.yaml").read_text())
+    for variant in config["variants"]:
+        for seed in config["seeds"]:
+            run = f"results/runs/{variant}/seed{seed}/metrics.csv"
+            alone, together = read_rows(wd / run), read_rows(grouped / run)
+            assert len(alone) == len(together) == config["epochs"]
+            for a, b in zip(alone, together):
+                a.pop("seconds"), b.pop("seconds")
+                assert a == b, (variant, seed)
+    assert (grouped / "results/report/report.html").exists()

@@ -46,14 +46,53 @@ def _train(args) -> int:
         variant_name=name,
         on_stale_checkpoint="restart" if args.restart_stale else "error",
     )
-    print(json.dumps({k: summary[k] for k in ("final_test_errors", "best_test_errors", "diverged")}))
+    print(
+        json.dumps({k: summary[k] for k in ("final_test_errors", "best_test_errors", "diverged")})
+    )
+    return 0
+
+
+def _train_group(args) -> int:
+    import yaml
+
+    from .batched import RunSpec, train_group
+
+    with open(args.config) as f:
+        config = yaml.safe_load(f)
+    specs = [
+        RunSpec(variant_from_config(config, name), seed, f"{args.out_root}/{name}/seed{seed}", name)
+        for name in args.variants
+        for seed in args.seeds
+    ]
+    summaries = train_group(
+        specs,
+        epochs=args.epochs,
+        data_root=args.data_root,
+        device=args.device,
+        checkpoint_every=args.checkpoint_every,
+        train_limit=args.train_limit,
+        threads=args.threads,
+        tf32=not args.no_tf32,
+        on_stale_checkpoint="restart" if args.restart_stale else "error",
+    )
+    for spec, summary in zip(specs, summaries):
+        print(
+            json.dumps(
+                {
+                    "variant": spec.name,
+                    "seed": spec.seed,
+                    "final_test_errors": summary["final_test_errors"],
+                    "diverged": summary["diverged"],
+                }
+            )
+        )
     return 0
 
 
 def _bench(args) -> int:
     from .bench import bench
 
-    bench(steps=args.steps, threads=args.threads, device=args.device, batched=args.runs)
+    bench(steps=args.steps, threads=args.threads, device=args.device, runs=args.runs)
     return 0
 
 
@@ -81,11 +120,37 @@ def main(argv: list[str] | None = None) -> int:
     )
     t.set_defaults(func=_train)
 
+    g = sub.add_parser("train-group", help="train several variants and seeds as one stacked model")
+    g.add_argument("--config", required=True, help="a workflow config file (YAML)")
+    g.add_argument("--variants", nargs="+", required=True, help="variant names in --config")
+    g.add_argument("--seeds", nargs="+", type=int, required=True)
+    g.add_argument("--epochs", type=int, required=True)
+    g.add_argument("--data-root", required=True, help="directory holding MNIST/raw/*-ubyte")
+    g.add_argument("--out-root", required=True, help="runs go to OUT_ROOT/VARIANT/seedSEED/")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--checkpoint-every", type=int, default=10)
+    g.add_argument("--train-limit", type=int, default=None)
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--no-tf32", action="store_true")
+    g.add_argument("--restart-stale", action="store_true")
+    g.set_defaults(func=_train_group)
+
     b = sub.add_parser("bench", help="seconds per epoch of the training step vs the GEMM floor")
-    b.add_argument("--steps", type=int, default=300, help="timed steps of each kind, over 5 rounds of at least 10 (an epoch is 600)")
+    b.add_argument(
+        "--steps",
+        type=int,
+        default=300,
+        help="timed steps of each kind, over 5 rounds of at least 10 (an epoch is 600)",
+    )
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    b.add_argument("--runs", type=int, nargs="*", default=None, help=argparse.SUPPRESS)
+    b.add_argument(
+        "--runs",
+        type=int,
+        nargs="+",
+        default=None,
+        help="also time K runs trained as one stack, e.g. --runs 1 5 15: run-epochs per second",
+    )
     b.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)

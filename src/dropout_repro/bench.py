@@ -15,7 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from ._malloc import keep_freed_memory
-from .model import MLP, MaskStream
+from .model import MLP, MaskStream, fused_step
 from .optim import build_optimizer
 from .train import pick_device
 from .variant import resolve
@@ -97,8 +97,61 @@ def gemm_floor_step(device, hidden=(800, 800), batch: int = 100):
     return step
 
 
+def group_step(device, runs: int, variant=None):
+    """A closure running one step of ``runs`` copies of ``variant`` (seeds 0..runs-1) trained as
+    one stack by the grouped trainer, on resident random data."""
+    import tempfile
+
+    from .batched import Group
+    from .data import Split
+    from .train import RunState
+
+    variant = resolve(variant or BENCH_VARIANT)
+    gen = torch.Generator().manual_seed(0)
+    n = 6000
+    data = Split(
+        torch.randn(n, 784, generator=gen).to(device),
+        torch.randint(0, 10, (n,), generator=gen).to(device),
+    )
+    tmp = tempfile.mkdtemp(prefix="dropout-bench-")
+    states = [RunState(variant, k, f"{tmp}/{k}", device, data, data, None) for k in range(runs)]
+    group = Group(states, device)
+    group.opt.set_epoch([variant["lr0"]] * runs, [variant["momentum_initial"]] * runs, device)
+    bs = variant["batch_size"]
+    perms = torch.stack([torch.randperm(n, generator=gen) for _ in range(runs)]).to(device)
+    batches = list(torch.split(perms, bs, dim=1))
+    loss_sum = torch.zeros(runs, device=device, dtype=torch.float64)
+    err_sum = torch.zeros(runs, device=device, dtype=torch.int64)
+    i = 0
+
+    def step():
+        nonlocal i
+        idx = batches[i % len(batches)]
+        i += 1
+        x, y = data.images[idx], data.labels[idx]
+        loss, logits = fused_step(
+            group.layers,
+            x,
+            y,
+            relu=group.relu,
+            input_mask=group.input_masks,
+            hidden_mask=group.hidden_masks,
+            reduction="mean",
+        )
+        group.opt.step()
+        with torch.no_grad():
+            loss_sum.add_((loss * idx.shape[1]).double())
+            err_sum.add_((logits.argmax(-1) != y).sum(-1))
+
+    return step
+
+
 def bench(
-    steps: int = 300, threads: int | None = None, device: str = "auto", rounds: int = 5, batched=None
+    steps: int = 300,
+    threads: int | None = None,
+    device: str = "auto",
+    rounds: int = 5,
+    runs: list[int] | None = None,
 ) -> dict:
     if threads:
         torch.set_num_threads(threads)
@@ -132,4 +185,21 @@ def bench(
         file=sys.stdout,
         flush=True,
     )
+    if runs:
+        # Training steps only (no test evaluation): run-epochs per second, K runs in one stack,
+        # against the single-run trainer's step measured above.
+        single_rate = 1.0 / step
+        print(f"single-run trainer  {single_rate:8.3f} run-epochs/s", flush=True)
+        result["run_epochs_per_second"] = {"single": single_rate}
+        per_round = max(steps // rounds, 10)
+        for k in runs:
+            fn = group_step(dev, k)
+            best = min(_time(fn, per_round, dev) for _ in range(rounds)) * STEPS_PER_EPOCH
+            rate = k / best
+            result["run_epochs_per_second"][k] = rate
+            print(
+                f"stack of K={k:<3d}     {rate:8.3f} run-epochs/s  "
+                f"({best:.3f} s per stacked epoch, {rate / single_rate:.2f}x single)",
+                flush=True,
+            )
     return result

@@ -23,15 +23,42 @@ SEEDS = [int(s) for s in config["seeds"]]
 REPORT_ONLY_KEYS = {"paper_errors"}
 
 
-wildcard_constraints:
-    variant="|".join(re.escape(v) for v in VARIANTS),
-    seed=r"\d+",
-
-
 def get_variant(name):
     """A variant's training hyperparameters: the shared defaults, then its own overrides."""
     merged = {**config["defaults"], **(config["variants"][name] or {})}
     return {k: v for k, v in merged.items() if k not in REPORT_ONLY_KEYS}
+
+
+def _make_groups():
+    """Variants whose runs train as one stacked model (config key group_runs): those sharing an
+    architecture and optimiser family, in config order, at most group_max_runs runs a group.
+    """
+    if not config["group_runs"]:
+        return {}
+    from dropout_repro.batched import group_key
+
+    by_key = {}
+    for name in VARIANTS:
+        key = group_key(get_variant(name))
+        if key is not None:
+            by_key.setdefault(key, []).append(name)
+    per_group = max(1, config["group_max_runs"] // len(SEEDS))
+    groups = {}
+    for names in by_key.values():
+        for i in range(0, len(names), per_group):
+            groups[f"group{len(groups) + 1}"] = names[i : i + per_group]
+    return groups
+
+
+GROUPS = _make_groups()
+GROUPED = {v for members in GROUPS.values() for v in members}
+ALONE = [v for v in VARIANTS if v not in GROUPED]
+
+
+wildcard_constraints:
+    # With grouping on, rule train makes only the runs that train alone.
+    variant="|".join(re.escape(v) for v in ALONE) or "(?!)",
+    seed=r"\d+",
 
 
 def get_run_dirs():
@@ -47,14 +74,18 @@ def get_summaries():
 
 
 def get_benchmarks():
-    return [
-        f"results/benchmarks/train/{v}/seed{s}.tsv" for v in VARIANTS for s in SEEDS
-    ]
+    alone = [f"results/benchmarks/train/{v}/seed{s}.tsv" for v in ALONE for s in SEEDS]
+    return alone + [f"results/benchmarks/train_group/{g}.tsv" for g in GROUPS]
 
 
-def train_runtime_minutes(wildcards, attempt):
-    """Minutes to ask a cluster for: the estimate for every epoch, doubled on each retry."""
-    seconds = config["epochs"] * config["train"]["seconds_per_epoch"]
+def group_outputs(group, kind):
+    return [f"results/runs/{v}/seed{s}/{kind}" for v in GROUPS[group] for s in SEEDS]
+
+
+def train_runtime_minutes(wildcards, attempt, runs=1):
+    """Minutes to ask a cluster for: the estimate for every epoch (of every run a job trains),
+    doubled on each retry."""
+    seconds = config["epochs"] * config["train"]["seconds_per_epoch"] * runs
     return int(math.ceil(seconds / 60.0 * 1.5)) * attempt + 10
 
 

@@ -1,0 +1,25 @@
+# Appended, not truncated: a retried job's log keeps the attempt it resumes from.
+import sys
+
+sys.stderr = open(snakemake.log[0], "a", buffering=1)
+
+from dropout_repro.batched import RunSpec, train_group
+
+p = snakemake.params
+specs = [
+    RunSpec(variant, seed, f"results/runs/{name}/seed{seed}", name)
+    for name, variant in p.variants.items()
+    for seed in p.seeds
+]
+train_group(
+    specs,
+    epochs=p.epochs,
+    data_root=p.data_root,
+    device=p.device,
+    checkpoint_every=p.checkpoint_every,
+    train_limit=p.train_limit,
+    threads=snakemake.threads,
+    tf32=p.tf32,
+    # The workflow reruns a job whose hyperparameters changed: old checkpoints are set aside.
+    on_stale_checkpoint="restart",
+)
