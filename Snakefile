@@ -16,6 +16,17 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+
+
+# Light jobs stay on the submitting machine under a cluster profile (compute nodes often have no
+# internet for the download).
+localrules:
+    download_mnist,
+    aggregate,
+    figure,
+    report,
+
+
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/report.smk"

@@ -172,6 +172,8 @@ def assert_same_checkpoint_state(ca: dict, cb: dict) -> None:
         assert sa[i].keys() == sb[i].keys()
         for name in sa[i]:
             assert torch.equal(sa[i][name], sb[i][name]), (i, name)
+    # The optimiser's settings too: this epoch's learning rate and momentum, the bounds.
+    assert ca["optimizer"]["param_groups"] == cb["optimizer"]["param_groups"]
 
 
 # --- the files are the single-run trainer's --------------------------------------------------
@@ -511,15 +513,8 @@ def test_group_masks_are_each_runs_own_masks(style):
 # --- the max-norm bound ------------------------------------------------------------------------
 
 
-BOUND_BUG = (
-    "batched._renorm_runs_ computes the scale as max_norm_tensor / norms, a true division, while "
-    "optim.renorm_rows_ computes max_norm / norms with a Python float, which torch evaluates as "
-    "norms.reciprocal() * max_norm; the two differ in the last bit for about a quarter of the "
-    "rows, so a run whose max-norm bound binds is not bit-identical grouped and alone"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=BOUND_BUG)
 def test_the_stacked_bound_renormalises_each_run_as_renorm_rows():
     gen = torch.Generator().manual_seed(0)
     stack = torch.randn(3, 50, 40, generator=gen) * 0.1
@@ -535,7 +530,6 @@ def test_the_stacked_bound_renormalises_each_run_as_renorm_rows():
         assert torch.equal(got[k], expected[k]), k
 
 
-@pytest.mark.xfail(strict=True, reason=BOUND_BUG)
 def test_a_run_whose_max_norm_binds_equals_its_single_run(data, tmp_path):
     # The initial row norms are about 0.01 * sqrt(784) = 0.28: a bound of 0.2 binds from the
     # first step.

@@ -217,7 +217,8 @@ class GroupAdam:
 def _renorm_runs_(weight: torch.Tensor, max_norm: torch.Tensor) -> None:
     """``renorm_rows_`` for each run's matrix at once; a bound of inf leaves a run untouched."""
     norms = torch.linalg.vector_norm(weight, dim=-1)
-    weight.mul_((max_norm / norms).clamp_(max=1.0).unsqueeze(-1))
+    # renorm_rows_ writes max_norm / norms with a float, which torch computes as this product.
+    weight.mul_((norms.reciprocal() * max_norm).clamp_(max=1.0).unsqueeze(-1))
 
 
 assert renorm_rows_  # the single-run constraint these mirror
@@ -269,9 +270,11 @@ class Group:
                 if p in opt.state and opt.state[p]:
                     self.opt.load_run_state(k, i, opt.state[p])
 
-    def sync_to_runs(self) -> None:
-        """Copy each run's slice into its own network and optimiser (for its checkpoint)."""
+    def sync_to_runs(self, epoch: int) -> None:
+        """Copy each run's slice into its own network and optimiser (for its checkpoint), with
+        this epoch's learning rate and momentum in its optimiser, as train_run leaves them."""
         for k, run in enumerate(self.runs):
+            schedules.apply(run.opt, run.variant, epoch)
             with torch.no_grad():
                 for i, layer in enumerate(run.model.layers):
                     layer.weight.copy_(self.weights[i][k])
@@ -368,7 +371,7 @@ def train_group(
     for spec, variant in zip(specs, variants):
         prefix = f"[{spec.name or 'run'} seed {spec.seed}] "
         run = RunState(variant, spec.seed, spec.out_dir, dev, train, test, train_limit, spec.name)
-        run.log = (lambda p: (lambda msg: log(p + msg)))(prefix)
+        run.log = run.logger(log, prefix)
         run.resume(epochs, on_stale_checkpoint, run.log)
         runs.append(run)
     by_start: dict[int, list[RunState]] = {}
@@ -417,7 +420,7 @@ def _train_stack(runs, start_epoch, epochs, train, test, dev, checkpoint_every, 
         test_loss, test_err, norms = test_loss.tolist(), test_err.tolist(), norms.tolist()
         due = (epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs
         if due:
-            group.sync_to_runs()
+            group.sync_to_runs(epoch)
         for k, run in enumerate(runs):
             if not live[k]:
                 continue

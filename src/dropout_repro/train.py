@@ -186,6 +186,17 @@ class RunState:
     def checkpoint_path(self) -> Path:
         return self.out / CHECKPOINT
 
+    def logger(self, log, prefix: str = ""):
+        """``log`` that also appends to ``train.log`` beside the results: a workflow deletes a
+        job's own log before a retry, and this file keeps every attempt (where it resumed)."""
+
+        def both(msg: str) -> None:
+            log(prefix + msg)
+            with open(self.out / "train.log", "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+
+        return both
+
     def resume(self, epochs: int, on_stale_checkpoint: str, log) -> None:
         """Load this run's checkpoint if there is one and it is this run's; refuse it otherwise."""
         path = self.checkpoint_path
@@ -358,6 +369,7 @@ def train_run(
     started = time.time()
     train, test = prepare_data(variant, data_root, data, dev, train_limit)
     run = RunState(variant, seed, out_dir, dev, train, test, train_limit, variant_name)
+    log = run.logger(log)
     run.resume(epochs, on_stale_checkpoint, log)
     model, opt = run.model, run.opt
     reduction = variant["loss_reduction"]

@@ -89,6 +89,11 @@ def train_runtime_minutes(wildcards, attempt, runs=1):
     return int(math.ceil(seconds / 60.0 * 1.5)) * attempt + 10
 
 
+def train_mem_mb(wildcards, attempt):
+    """Memory of a training job; a retry (e.g. after running out of memory) asks for more."""
+    return config["train"]["mem_mb"] * attempt
+
+
 def train_gpus():
     return 1 if config["device"] == "cuda" else 0
 

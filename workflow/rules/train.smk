@@ -12,7 +12,7 @@ rule train:
         "../../environment.yml"
     threads: config["train"]["threads"]
     resources:
-        mem_mb=config["train"]["mem_mb"],
+        mem_mb=train_mem_mb,
         runtime=train_runtime_minutes,
         gpu=train_gpus(),
     params:
@@ -49,7 +49,7 @@ for group in GROUPS:
             "../../environment.yml"
         threads: config["train"]["threads"]
         resources:
-            mem_mb=config["train"]["mem_mb"],
+            mem_mb=train_mem_mb,
             runtime=lambda wc, attempt, n=len(GROUPS[group]) * len(SEEDS): (
                 train_runtime_minutes(wc, attempt, runs=n)
             ),

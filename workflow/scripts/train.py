@@ -1,7 +1,7 @@
-# Appended, not truncated: a retried job's log keeps the attempt it resumes from.
+# Each attempt's progress; every attempt also goes to train.log beside the run's results.
 import sys
 
-sys.stderr = open(snakemake.log[0], "a", buffering=1)
+sys.stderr = open(snakemake.log[0], "w", buffering=1)
 
 from pathlib import Path
 
