@@ -211,3 +211,10 @@ def test_grouped_jobs_give_the_same_numbers_as_one_job_per_run(finished_run, tmp
                 a.pop("seconds"), b.pop("seconds")
                 assert a == b, (variant, seed)
     assert (grouped / "results/report/report.html").exists()
+
+
+def test_the_report_reads_the_columns_the_trainer_writes():
+    # The report side keeps its own copy (it reads files and never imports torch); they agree.
+    from dropout_repro.report.aggregate import METRICS_COLUMNS
+
+    assert tuple(COLUMNS) == tuple(METRICS_COLUMNS)
