@@ -8,10 +8,10 @@ files back from disk (never the trainer's objects) and makes one row per reading
 
 What the diagnostics measure, and why:
 
-* ``dead_units_pct``: hidden units that pass no gradient on any test image through the mean
-  network: a ReLU whose input is never positive, or a logistic unit whose slope sigma(1 - sigma)
-  stays below 1/1000 (|input| above about 6.9), a quarter of a thousandth of its slope at zero. A
-  net that collapsed to one class within its first steps is typically made of such units.
+* ``dead_units_pct``: hidden units that pass (almost) no gradient on any test image through the
+  mean network: a ReLU whose input is never positive, or a logistic unit whose slope
+  sigma(1 - sigma) stays below 1/1000 (|input| above about 6.9), 1/250 of its slope at zero. A net
+  that collapsed to one class within its first steps is typically made of such units.
 * ``one_class_pct``: the share of test images given the most frequent prediction; 100 means a
   constant output.
 * ``max_norm_hidden`` / ``max_norm_output``: the largest incoming-weight norm of a hidden unit and
@@ -31,7 +31,7 @@ from typing import Any, Iterable, Mapping
 
 from .variant import DEFAULTS, VariantError, resolve
 
-# A net that gives every test image the same class makes between 8,865 and 9,026 errors (the test
+# A net that gives every test image the same class makes between 8,865 and 9,108 errors (the test
 # counts of the other nine digits); below 8,000 it has learnt something. Runs at or above this, and
 # runs whose loss stopped being finite, count as failed.
 FAILED_ERRORS = 8000
@@ -88,7 +88,9 @@ def load_study(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
         with open(source) as f:
             raw, where = yaml.safe_load(f), str(source)
         if not isinstance(raw, dict):
-            raise StudyError(f"{where}: expected a mapping of study keys, found {type(raw).__name__}")
+            raise StudyError(
+                f"{where}: expected a mapping of study keys, found {type(raw).__name__}"
+            )
     unknown = sorted(set(raw) - set(STUDY_KEYS))
     if unknown:
         raise StudyError(
@@ -107,9 +109,13 @@ def load_study(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     }
     for key in ("epochs", "threads"):
         if not _positive_int(study[key]):
-            raise StudyError(f"{where}: {key} = {study[key]!r} is not valid: expected an integer >= 1")
+            raise StudyError(
+                f"{where}: {key} = {study[key]!r} is not valid: expected an integer >= 1"
+            )
     if not _positive_int(study["mem_mb"]) or study["mem_mb"] < 256:
-        raise StudyError(f"{where}: mem_mb = {study['mem_mb']!r} is not valid: expected an integer >= 256")
+        raise StudyError(
+            f"{where}: mem_mb = {study['mem_mb']!r} is not valid: expected an integer >= 256"
+        )
     if study["train_limit"] is not None and not _positive_int(study["train_limit"]):
         raise StudyError(
             f"{where}: train_limit = {study['train_limit']!r} is not valid: "
@@ -122,11 +128,17 @@ def load_study(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
         or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
         or len(set(seeds)) != len(seeds)
     ):
-        raise StudyError(f"{where}: seeds = {seeds!r} is not valid: expected distinct integers >= 0")
+        raise StudyError(
+            f"{where}: seeds = {seeds!r} is not valid: expected distinct integers >= 0"
+        )
     if study["device"] not in ("auto", "cpu", "cuda"):
-        raise StudyError(f"{where}: device = {study['device']!r} is not valid: expected auto, cpu or cuda")
+        raise StudyError(
+            f"{where}: device = {study['device']!r} is not valid: expected auto, cpu or cuda"
+        )
     if not isinstance(study["base"], dict):
-        raise StudyError(f"{where}: base = {study['base']!r} is not valid: expected a mapping of variant keys")
+        raise StudyError(
+            f"{where}: base = {study['base']!r} is not valid: expected a mapping of variant keys"
+        )
     try:
         resolve(study["base"])
     except VariantError as e:
@@ -134,7 +146,9 @@ def load_study(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
 
     readings = study["readings"]
     if not isinstance(readings, list) or not readings:
-        raise StudyError(f"{where}: readings = {readings!r} is not valid: expected a non-empty list")
+        raise StudyError(
+            f"{where}: readings = {readings!r} is not valid: expected a non-empty list"
+        )
     checked, variants = [], {}
     for i, reading in enumerate(readings):
         label = f"{where}: readings[{i}]"
@@ -193,7 +207,8 @@ def _reading(study: Mapping[str, Any], name: str) -> dict[str, Any]:
 
 
 def reading_variant(study: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """The variant a reading trains: the base (or the reading it starts from), then its overrides."""
+    """The variant a reading trains: the base (or the reading it starts from), then its own
+    overrides."""
     return dict(_reading(study, name)["variant"])
 
 
@@ -282,7 +297,9 @@ def diagnose(model, images, labels) -> dict[str, Any]:
         model.train(was_training)
 
 
-def diagnose_checkpoint(run_directory: str | Path, variant: Mapping[str, Any], images, labels) -> dict:
+def diagnose_checkpoint(
+    run_directory: str | Path, variant: Mapping[str, Any], images, labels
+) -> dict:
     """``diagnose`` on the network a run's checkpoint holds, with the epoch it holds; a dict of
     ``None`` values (and ``epoch: None``) when the run left no checkpoint (it diverged)."""
     import torch
@@ -371,7 +388,9 @@ def train_reading(
 def _read_run(directory: Path) -> tuple[list[dict[str, str]], dict, dict]:
     import csv
 
-    missing = [n for n in ("metrics.csv", "summary.json", DIAGNOSTICS) if not (directory / n).is_file()]
+    missing = [
+        n for n in ("metrics.csv", "summary.json", DIAGNOSTICS) if not (directory / n).is_file()
+    ]
     if missing:
         raise StudyError(f"run {directory} lacks {', '.join(missing)}: has it been trained?")
     with open(directory / "metrics.csv", newline="") as f:
@@ -394,9 +413,9 @@ def study_table(study: Mapping[str, Any], runs_root: str | Path):
     """One row per reading (in the study's order) from the run directories under ``runs_root``.
 
     ``errors_*`` are the test errors (of the test set) after the last epoch, over the seeds whose
-    loss stayed finite; a run whose loss stopped being finite is counted in ``diverged`` and left out
-    of them, as in the main results table. ``failed`` counts diverged runs and runs at or above
-    ``FAILED_ERRORS``. The diagnostics columns are means over the seeds that have them.
+    loss stayed finite; a run whose loss stopped being finite is counted in ``diverged`` and left
+    out of them, as in the main results table. ``failed`` counts diverged runs and runs at or
+    above ``FAILED_ERRORS``. The diagnostics columns are means over the seeds that have them.
 
     Every run must have been trained with the reading's variant, the study's seed and epochs:
     a run left over from another study file is refused rather than reported.
@@ -418,8 +437,9 @@ def study_table(study: Mapping[str, Any], runs_root: str | Path):
                 )
             if summary.get("seed") != seed or summary.get("epochs_requested") != study["epochs"]:
                 raise StudyError(
-                    f"run {d} has seed {summary.get('seed')!r} and {summary.get('epochs_requested')!r} "
-                    f"epochs; the study asks for seed {seed} and {study['epochs']} epochs"
+                    f"run {d} has seed {summary.get('seed')!r} and "
+                    f"{summary.get('epochs_requested')!r} epochs; the study asks for seed {seed} "
+                    f"and {study['epochs']} epochs"
                 )
             if not rows:
                 raise StudyError(f"run {d}: metrics.csv has no epochs")
@@ -471,7 +491,7 @@ def _round(x: float, digits: int) -> float:
 
 MARKDOWN_HEADERS = (
     ("reading", "Reading"),
-    ("changed", "What changed (vs the base)"),
+    ("changed", "What changed (from the base, or from the reading named)"),
     ("seeds", "Seeds"),
     ("errors", "Test errors: mean (min–max)"),
     ("failed", "Failed"),
@@ -521,9 +541,7 @@ def study_markdown(table, study: Mapping[str, Any] | None = None) -> str:
             "max_norm_output": _cell(row["max_norm_output"], 2),
             "logit_rms": _cell(row["logit_rms"], 2),
         }
-        lines.append(
-            "| " + " | ".join(_md_cell(cells[k]) for k, _ in MARKDOWN_HEADERS) + " |"
-        )
+        lines.append("| " + " | ".join(_md_cell(cells[k]) for k, _ in MARKDOWN_HEADERS) + " |")
     epochs = sorted(set(int(e) for e in table["epochs"])) if len(table) else []
     sizes = sorted(set(int(n) for n in table["train_images"].dropna())) if len(table) else []
     note = (
@@ -531,7 +549,7 @@ def study_markdown(table, study: Mapping[str, Any] | None = None) -> str:
         f"{', '.join(f'{n:,}' for n in sizes) or '?'} training images"
         + (f", seeds {', '.join(map(str, study['seeds']))}" if study else "")
         + f". Failed: at or above {FAILED_ERRORS:,} test errors (a one-class net makes "
-        "8,865–9,026) or a loss that stopped being finite; diverged runs are left out of the "
+        "8,865–9,108) or a loss that stopped being finite; diverged runs are left out of the "
         "error columns. Dead units: hidden units that pass no gradient on any test image (ReLU "
         f"never active, logistic slope below {SATURATED_SLOPE:g}). One class: share of test images "
         "given the most frequent class. Diagnostics are means over seeds."
