@@ -23,19 +23,13 @@ STUDY = load_study(STUDY_RAW)
 STUDY_RUNS = "results/study/runs"
 
 
-def get_study_run_dirs():
-    return [
-        f"{STUDY_RUNS}/{r}/seed{s}"
-        for r in reading_names(STUDY)
-        for s in STUDY["seeds"]
-    ]
-
-
-def study_runtime_minutes(wildcards, attempt):
-    """A study run is a few epochs on part of the data: ten minutes plus one per 1,000 updates,
-    doubled on each retry."""
-    steps = STUDY["epochs"] * math.ceil((STUDY["train_limit"] or 60000) / 100)
-    return (10 + math.ceil(steps / 1000)) * attempt
+STUDY_RUN_DIRS = [
+    f"{STUDY_RUNS}/{r}/seed{s}" for r in reading_names(STUDY) for s in STUDY["seeds"]
+]
+# A study run is a few epochs on part of the data: ten minutes plus one per 1,000 updates.
+STUDY_RUN_MINUTES = 10 + math.ceil(
+    STUDY["epochs"] * math.ceil((STUDY["train_limit"] or 60000) / 100) / 1000
+)
 
 
 rule study_train:
@@ -57,7 +51,7 @@ rule study_train:
     threads: STUDY["threads"]
     resources:
         mem_mb=STUDY["mem_mb"],
-        runtime=study_runtime_minutes,
+        runtime=lambda wc, attempt: STUDY_RUN_MINUTES * attempt,  # doubled on a retry
         gpu=1 if STUDY["device"] == "cuda" else 0,
     params:
         # The merged variant is a param: edit a reading and exactly its runs are trained again.
@@ -72,9 +66,9 @@ rule study_train:
 
 rule study_table:
     input:
-        metrics=[f"{d}/metrics.csv" for d in get_study_run_dirs()],
-        summaries=[f"{d}/summary.json" for d in get_study_run_dirs()],
-        diagnostics=[f"{d}/diagnostics.json" for d in get_study_run_dirs()],
+        metrics=[f"{d}/metrics.csv" for d in STUDY_RUN_DIRS],
+        summaries=[f"{d}/summary.json" for d in STUDY_RUN_DIRS],
+        diagnostics=[f"{d}/diagnostics.json" for d in STUDY_RUN_DIRS],
     output:
         csv=report(
             "results/tables/recipe_study.csv",
@@ -92,7 +86,8 @@ rule study_table:
         runtime=5,
     params:
         study=STUDY_RAW,
-        runs_root=STUDY_RUNS,
+        # results/study/runs/{reading}/seed{seed}/metrics.csv -> results/study/runs
+        runs_root=lambda wc, input: str(Path(input.metrics[0]).parents[2]),
     script:
         "../scripts/study_table.py"
 
