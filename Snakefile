@@ -1,5 +1,6 @@
 # Hinton et al. (2012), "Improving neural networks by preventing co-adaptation of feature
-# detectors": the MNIST result. Data -> train -> aggregate -> figure -> report.
+# detectors": the MNIST result. Data -> train (and the recipe study) -> aggregate -> figure ->
+# report.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -29,6 +30,7 @@ localrules:
 
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/study.smk"
 include: "workflow/rules/report.smk"
 
 
