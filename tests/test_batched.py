@@ -493,7 +493,8 @@ def test_group_masks_are_each_runs_own_masks(style):
     masks = GroupMasks(runs, probs, style, torch.device("cpu"))
     tail = (7, 13)  # 91 elements: not a whole number of 64-bit words
     for call in range(3):
-        kept, scale = masks((len(runs), *tail), torch.device("cpu"))
+        mask, scale = masks((len(runs), *tail), torch.float32, torch.device("cpu"))
+        kept = mask != 0
         assert kept.shape == (len(runs), *tail) and kept.dtype == torch.bool
         for k, (p, seed, start) in enumerate(zip(probs, seeds, starts)):
             if p == 0:

@@ -79,8 +79,9 @@ def _runs_tensor(values, dev, shape=(-1,)) -> torch.Tensor:
 
 class GroupMasks:
     """The dropout masks of a group: for each run, exactly the mask its own ``MaskStream`` would
-    give it alone, computed for all runs in one pass. A run that does not drop at this layer
-    draws nothing (its stream does not advance) and keeps every unit."""
+    give it alone (``scaled_mask``: its scale where kept, 0 where dropped), computed for all runs
+    in one pass. A run that does not drop at this layer draws nothing (its stream does not
+    advance) and keeps every unit."""
 
     def __init__(self, runs: list[RunState], probs: list[float], style: str, dev):
         self.runs = runs
@@ -98,7 +99,7 @@ class GroupMasks:
         self.scale = _runs_tensor(scales, dev, (-1, 1, 1))
         self._iota = {}
 
-    def __call__(self, shape, device):
+    def __call__(self, shape, dtype, device):
         k, tail = shape[0], shape[1:]
         n = math.prod(tail)
         words = (n + 3) // 4
@@ -114,7 +115,7 @@ class GroupMasks:
         z = self._iota[words].mul(_signed(_GOLDEN)).unsqueeze(0).add(base)
         draws = _mix_(z).view(torch.int16)[:, :n].reshape(k, *tail)
         kept = draws < self.threshold.view(k, *([1] * len(tail)))
-        return kept, self.scale
+        return kept.to(dtype).mul_(self.scale.to(dtype)), self.scale
 
 
 class GroupSGDHinton:
@@ -131,6 +132,12 @@ class GroupSGDHinton:
         self.output_weight = output_weight if variants[0]["max_norm_output"] else None
         self.max_norm = _runs_tensor(norms, dev, (-1, 1))
         self.coef = self.momentum = None
+        self._steps = {}
+
+    def _step_buffer(self, p):
+        if p not in self._steps:
+            self._steps[p] = torch.empty_like(p)
+        return self._steps[p]
 
     def set_epoch(self, lrs, moms, dev) -> None:
         self.momentum = _runs_tensor(moms, dev)
@@ -144,8 +151,8 @@ class GroupSGDHinton:
             if self.weight_decay is not None:
                 wd = self.weight_decay.view(shape)
                 g = torch.where(wd != 0, g + p * wd, g)
-            step = g * self.coef.view(shape)
-            v.mul_(self.momentum.view(shape)).add_(step)
+            step = torch.mul(g, self.coef.view(shape), out=self._step_buffer(p))
+            torch.addcmul(step, v, self.momentum.view(shape), out=v)
             p.add_(v)
         for w in self.hidden_weights + (
             [self.output_weight] if self.output_weight is not None else []

@@ -80,6 +80,12 @@ class MaskStream:
         self.counter = counter
         self._iota: dict = {}
 
+    def scaled_mask(self, shape, keep: float, scale: float, dtype, device) -> torch.Tensor:
+        """The same draw as ``keep_mask`` as numbers: ``scale`` where a unit is kept, 0 where it
+        is dropped (one product applies a mask; no bool-to-float conversion each time)."""
+        mask = self.keep_mask(shape, keep, device).to(dtype)
+        return mask.mul_(scale) if scale != 1.0 else mask
+
     def keep_mask(self, shape, keep: float, device) -> torch.Tensor:
         """A bool tensor, True where a unit is kept (probability ``keep``, a multiple of 2^-16)."""
         n = math.prod(shape)
@@ -105,9 +111,8 @@ def dropout(
     keep = keep_probability(p)
     if not training:
         return x * keep if style == "paper" else x
-    kept = masks.keep_mask(x.shape, keep, x.device)
     scale = 1.0 / keep if style == "inverted" else 1.0
-    return (x * kept).mul_(scale)
+    return x * masks.scaled_mask(x.shape, keep, scale, x.dtype, x.device)
 
 
 def _set_grad(param: torch.Tensor, value_into) -> None:
@@ -158,32 +163,31 @@ def fused_step(layers, x, y, *, relu: bool, input_mask, hidden_mask, reduction: 
     (K, out)); every operation is the same elementwise or per-run matrix product either way, so a
     run computes bit for bit the same numbers alone or stacked with others (on the CPU, a batched
     product's slices equal the single products). ``input_mask`` and ``hidden_mask`` are ``None``
-    (no dropout) or ``f(shape, device) -> (kept, scale)``: a bool mask and the factor kept units
-    are multiplied by (1/q for inverted dropout, 1 for the paper's; a float or a per-run tensor).
+    (no dropout) or ``f(shape, dtype, device) -> (mask, scale)``: ``mask`` holds ``scale`` where
+    a unit is kept and 0 where it is dropped; ``scale`` is 1/q for inverted dropout, 1 for the
+    paper's (a float, or a per-run tensor).
     """
     h = x
     if input_mask is not None:
-        kept, scale = input_mask(x.shape, x.device)
-        h = (x * kept).mul_(scale)
+        mask, _ = input_mask(x.shape, x.dtype, x.device)
+        h = x * mask
     saved = []  # each layer's input, after dropout
-    derivs = []  # per hidden layer: what multiplies the gradient arriving at its output
+    derivs = []  # per hidden layer: what the gradient arriving at its output goes through
     for weight, bias in layers[:-1]:
         saved.append(h)
         a = _affine(h, weight, bias)
         h = a.clamp_min_(0.0) if relu else a.sigmoid_()
         slope = None if relu else h * (1.0 - h)
+        scale = None
         if hidden_mask is not None:
-            kept, scale = hidden_mask(h.shape, h.device)
-            h.mul_(kept).mul_(scale)
+            mask, scale = hidden_mask(h.shape, h.dtype, h.device)
+            h.mul_(mask)
             if slope is not None:
-                slope.mul_(kept).mul_(scale)
-        else:
-            scale = None
-        if relu:
-            d = h > 0  # the unit was active and kept
-            derivs.append((d, scale))
-        else:
-            derivs.append((slope, None))
+                slope.mul_(mask)
+                scale = None
+        # A ReLU's derivative, masked: sign(h) is 1 where the unit was active and kept, 0
+        # elsewhere; times the dropout scale. A logistic unit's: its slope, masked and scaled.
+        derivs.append((h, scale) if relu else (slope, None))
     saved.append(h)
     logits = _affine(h, *layers[-1])
     logp = torch.log_softmax(logits, dim=-1)
@@ -199,7 +203,7 @@ def fused_step(layers, x, y, *, relu: bool, input_mask, hidden_mask, reduction: 
         _set_grad(weight, lambda out: _matmul(g.transpose(-1, -2), h_in, out=out))
         if k > 0:
             d, scale = derivs[k - 1]
-            g = _matmul(g, weight).mul_(d)
+            g = _matmul(g, weight).mul_(torch.sign(d) if relu else d)
             if scale is not None:
                 g.mul_(scale)
     return loss, logits
@@ -264,9 +268,10 @@ class MLP(nn.Module):
             if not p:
                 return None
             keep = keep_probability(p)
-            return lambda shape, device: (
-                self.masks.keep_mask(shape, keep, device),
-                1.0 / keep if inverted else 1.0,
+            scale = 1.0 / keep if inverted else 1.0
+            return lambda shape, dtype, device: (
+                self.masks.scaled_mask(shape, keep, scale, dtype, device),
+                scale,
             )
 
         layers = [(layer.weight, layer.bias) for layer in self.layers]

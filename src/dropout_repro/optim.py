@@ -72,6 +72,7 @@ class SGDHinton(Optimizer):
         _check(lr, momentum, max_norm, weight_decay)
         defaults = dict(lr=lr, momentum=momentum, max_norm=max_norm, weight_decay=weight_decay)
         super().__init__(params, defaults)
+        self._scratch: dict = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -86,26 +87,34 @@ class SGDHinton(Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params]
-            velocities = []
+            coef = -(1.0 - momentum) * lr
             for p in params:
                 state = self.state[p]
                 if "velocity" not in state:
                     state["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                velocities.append(state["velocity"])
-            # Written as plain products and sums (no fused alpha), so that the same arithmetic
-            # with per-run tensors in place of these floats gives bit-identical results.
-            if weight_decay != 0:
-                grads = torch._foreach_add(grads, torch._foreach_mul(params, weight_decay))
-            steps = torch._foreach_mul(grads, -(1.0 - momentum) * lr)
-            torch._foreach_mul_(velocities, momentum)
-            torch._foreach_add_(velocities, steps)
-            torch._foreach_add_(params, velocities)
+                v, g = state["velocity"], p.grad
+                # Two passes over the velocity's memory, not three; written so that the grouped
+                # trainer's per-run tensors give bit-identical results (its addcmul rounds as
+                # this add with alpha does). The product goes to a buffer kept between steps.
+                if weight_decay != 0:
+                    g = g + p * weight_decay
+                step = _scratch(self._scratch, p)
+                torch.mul(g, coef, out=step)
+                torch.add(step, v, alpha=momentum, out=v)  # v = p v - (1 - p) lr g
+                p.add_(v)
             if max_norm:
                 for p in params:
                     if p.dim() >= 2:
                         renorm_rows_(p, max_norm)
         return loss
+
+
+def _scratch(buffers: dict, p: torch.Tensor) -> torch.Tensor:
+    """A work buffer shaped like ``p``, made once (not part of the optimiser's state)."""
+    buf = buffers.get(p)
+    if buf is None or buf.shape != p.shape or buf.device != p.device:
+        buf = buffers[p] = torch.empty_like(p)
+    return buf
 
 
 def _check(lr, momentum, max_norm, weight_decay) -> None:
@@ -181,10 +190,15 @@ def build_optimizer(variant: dict, hidden_weights: list, other_params: list, out
         )
     elif name == "adam":
         opt = torch.optim.Adam(
-            plain, lr=lr, betas=tuple(variant["adam_betas"]), eps=variant["adam_eps"],
+            plain,
+            lr=lr,
+            betas=tuple(variant["adam_betas"]),
+            eps=variant["adam_eps"],
             weight_decay=wd,
         )
     else:
-        raise ValueError(f"optimizer = {name!r} is not valid: expected sgd_hinton, torch_sgd or adam")
+        raise ValueError(
+            f"optimizer = {name!r} is not valid: expected sgd_hinton, torch_sgd or adam"
+        )
     constrained = [(w, max_norm) for w in hidden_weights] + [(output_weight, out_norm)]
     return MaxNormAfterStep(opt, constrained)
