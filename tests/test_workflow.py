@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import json
 import math
 import re
@@ -218,3 +219,33 @@ def test_the_report_reads_the_columns_the_trainer_writes():
     from dropout_repro.report.aggregate import METRICS_COLUMNS
 
     assert tuple(COLUMNS) == tuple(METRICS_COLUMNS)
+
+
+@pytest.mark.slow
+def test_the_report_shows_the_study_table_made_by_the_study_rules(finished_run, tmp_path):
+    wd, _ = finished_run
+    study = {
+        "epochs": 1,
+        "seeds": [1],
+        "train_limit": 300,
+        "base": {"hidden": [16], "lr0": 0.5},
+        "readings": [
+            {"name": "relu_base", "overrides": {}},
+            {"name": "logistic_units", "overrides": {"activation": "logistic"}},
+        ],
+    }
+    write_config(tmp_path / "study.yaml", study)
+    write_config(
+        wd / "with_study.yaml",
+        {"report": {"study_table": "results/tables/recipe_study.csv", "study_caption": "Study."}},
+    )
+    env = {**os.environ, "DROPOUT_REPRO_STUDY": str(tmp_path / "study.yaml")}
+    proc = snakemake(
+        wd, "--cores", "2", "--configfile", "config/test.yaml", "tiny.yaml", "with_study.yaml",
+        env=env,
+    )
+    out = proc.stdout + proc.stderr
+    assert "rule study_train" in out and "rule train:" not in out  # the runs were not redone
+    html = (wd / "results/report/report.html").read_text()
+    assert 'id="study"' in html
+    assert "relu_base" in html and "logistic_units" in html
