@@ -22,9 +22,9 @@ import torch
 from torch.nn import functional as F
 
 from . import schedules
-from .model import _GOLDEN, _MASK64, KEEP_RESOLUTION, _affine, _mix_, _signed, fused_step
-from .model import keep_probability, splitmix64
-from .optim import renorm_rows_
+from .model import _GOLDEN, KEEP_RESOLUTION, _affine, _mix_, _signed, fused_step
+from .model import draw_threshold, keep_probability
+from .optim import _scratch
 from .train import (
     RunState,
     check_run_arguments,
@@ -87,10 +87,9 @@ class GroupMasks:
         self.runs = runs
         self.active = [p > 0 for p in probs]
         keeps = [keep_probability(p) if p > 0 else 1.0 for p in probs]
-        half = KEEP_RESOLUTION // 2
         # int16 draws lie in [-2^15, 2^15): a threshold of 2^15 keeps everything.
         thresholds = [
-            round(k * KEEP_RESOLUTION) - half if a else half for k, a in zip(keeps, self.active)
+            draw_threshold(k) if a else KEEP_RESOLUTION // 2 for k, a in zip(keeps, self.active)
         ]
         self.threshold = torch.tensor(thresholds, dtype=torch.int64, device=dev).view(-1, 1)
         scales = [
@@ -107,10 +106,9 @@ class GroupMasks:
             self._iota[words] = torch.arange(words, dtype=torch.int64, device=device)
         bases = []
         for run, active in zip(self.runs, self.active):
-            stream = run.masks
-            bases.append(_signed(splitmix64((stream.key + stream.counter * _GOLDEN) & _MASK64)))
+            bases.append(run.masks.base())
             if active:
-                stream.counter += 1
+                run.masks.counter += 1
         base = torch.tensor(bases, dtype=torch.int64, device=device).view(-1, 1)
         z = self._iota[words].mul(_signed(_GOLDEN)).unsqueeze(0).add(base)
         draws = _mix_(z).view(torch.int16)[:, :n].reshape(k, *tail)
@@ -118,7 +116,21 @@ class GroupMasks:
         return kept.to(dtype).mul_(self.scale.to(dtype)), self.scale
 
 
-class GroupSGDHinton:
+class _GroupMaxNorm:
+    """The per-run max-norm both stacked optimisers apply after their update: hidden weights
+    always, the output weight when the group bounds it; a run without a bound gets inf."""
+
+    def __init__(self, hidden_weights, output_weight, variants, dev):
+        self.bounded = hidden_weights + ([output_weight] if variants[0]["max_norm_output"] else [])
+        norms = [v["max_norm"] or math.inf for v in variants]
+        self.max_norm = _runs_tensor(norms, dev, (-1, 1))
+
+    def apply_max_norm(self) -> None:
+        for w in self.bounded:
+            _renorm_runs_(w, self.max_norm)
+
+
+class GroupSGDHinton(_GroupMaxNorm):
     """SGDHinton over stacked weights, with per-run learning rate, momentum, weight decay and
     max-norm: the same products and sums, per element, as ``optim.SGDHinton``."""
 
@@ -127,17 +139,9 @@ class GroupSGDHinton:
         self.velocities = [torch.zeros_like(p) for p in params]
         wd = [v["weight_decay"] for v in variants]
         self.weight_decay = _runs_tensor(wd, dev) if any(wd) else None
-        norms = [v["max_norm"] or math.inf for v in variants]
-        self.hidden_weights = hidden_weights
-        self.output_weight = output_weight if variants[0]["max_norm_output"] else None
-        self.max_norm = _runs_tensor(norms, dev, (-1, 1))
+        super().__init__(hidden_weights, output_weight, variants, dev)
         self.coef = self.momentum = None
-        self._steps = {}
-
-    def _step_buffer(self, p):
-        if p not in self._steps:
-            self._steps[p] = torch.empty_like(p)
-        return self._steps[p]
+        self._scratch: dict = {}
 
     def set_epoch(self, lrs, moms, dev) -> None:
         self.momentum = _runs_tensor(moms, dev)
@@ -151,13 +155,10 @@ class GroupSGDHinton:
             if self.weight_decay is not None:
                 wd = self.weight_decay.view(shape)
                 g = torch.where(wd != 0, g + p * wd, g)
-            step = torch.mul(g, self.coef.view(shape), out=self._step_buffer(p))
+            step = torch.mul(g, self.coef.view(shape), out=_scratch(self._scratch, p))
             torch.addcmul(step, v, self.momentum.view(shape), out=v)
             p.add_(v)
-        for w in self.hidden_weights + (
-            [self.output_weight] if self.output_weight is not None else []
-        ):
-            _renorm_runs_(w, self.max_norm)
+        self.apply_max_norm()
 
     def run_state(self, k: int, param_index: int) -> dict:
         return {"velocity": self.velocities[param_index][k].clone()}
@@ -166,7 +167,7 @@ class GroupSGDHinton:
         self.velocities[param_index][k].copy_(state["velocity"])
 
 
-class GroupAdam:
+class GroupAdam(_GroupMaxNorm):
     """torch.optim.Adam's update (its single-tensor path, as on the CPU) over stacked weights, with
     a per-run learning rate, followed by the per-run max-norm."""
 
@@ -178,10 +179,7 @@ class GroupAdam:
         self.beta1, self.beta2 = v0["adam_betas"]
         self.eps, self.weight_decay = v0["adam_eps"], v0["weight_decay"]
         self.steps = 0
-        norms = [v["max_norm"] or math.inf for v in variants]
-        self.hidden_weights = hidden_weights
-        self.output_weight = output_weight if v0["max_norm_output"] else None
-        self.max_norm = _runs_tensor(norms, dev, (-1, 1))
+        super().__init__(hidden_weights, output_weight, variants, dev)
         self.lrs = None
 
     def set_epoch(self, lrs, moms, dev) -> None:
@@ -202,10 +200,7 @@ class GroupAdam:
             denom = (s.sqrt() / bc2_sqrt).add_(self.eps)
             # addcdiv_(m, denom, value=-step_size) computes p + (value * m) / denom.
             p.add_(m.mul(neg_step.view((-1,) + (1,) * (p.dim() - 1))).div_(denom))
-        for w in self.hidden_weights + (
-            [self.output_weight] if self.output_weight is not None else []
-        ):
-            _renorm_runs_(w, self.max_norm)
+        self.apply_max_norm()
 
     def run_state(self, k: int, param_index: int) -> dict:
         return {
@@ -226,9 +221,6 @@ def _renorm_runs_(weight: torch.Tensor, max_norm: torch.Tensor) -> None:
     norms = torch.linalg.vector_norm(weight, dim=-1)
     # renorm_rows_ writes max_norm / norms with a float, which torch computes as this product.
     weight.mul_((norms.reciprocal() * max_norm).clamp_(max=1.0).unsqueeze(-1))
-
-
-assert renorm_rows_  # the single-run constraint these mirror
 
 
 class Group:

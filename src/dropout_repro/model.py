@@ -54,6 +54,11 @@ def _mix_(z: torch.Tensor) -> torch.Tensor:
     return z.bitwise_xor_((z >> 31) & ((1 << 33) - 1))
 
 
+def draw_threshold(keep: float) -> int:
+    """A 16-bit draw in [-2^15, 2^15) keeps its unit when below this: probability ``keep``."""
+    return round(keep * KEEP_RESOLUTION) - KEEP_RESOLUTION // 2
+
+
 def keep_probability(p: float) -> float:
     """The keep probability a mask really has: 1 - p rounded to a multiple of 2^-16
     (exact for 0.5; 0.8 becomes 52429/65536 = 0.800003...)."""
@@ -93,12 +98,16 @@ class MaskStream:
         key = (words, str(device))
         if key not in self._iota:
             self._iota[key] = torch.arange(words, dtype=torch.int64, device=device)
-        base = splitmix64((self.key + self.counter * _GOLDEN) & _MASK64)
+        base = self.base()
         self.counter += 1
-        z = self._iota[key].mul(_signed(_GOLDEN)).add_(_signed(base))
+        z = self._iota[key].mul(_signed(_GOLDEN)).add_(base)
         draws = _mix_(z).view(torch.int16)[:n].view(shape)  # uniform in [-2^15, 2^15)
-        threshold = round(keep * KEEP_RESOLUTION) - KEEP_RESOLUTION // 2
-        return draws < threshold
+        return draws < draw_threshold(keep)
+
+    def base(self) -> int:
+        """The hash offset of the next mask (as a signed 64-bit integer); word j of that mask is
+        the finaliser of base + j * golden."""
+        return _signed(splitmix64((self.key + self.counter * _GOLDEN) & _MASK64))
 
 
 def dropout(
