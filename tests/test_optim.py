@@ -347,6 +347,89 @@ def test_max_norm_after_step_state_round_trip():
     assert w2.grad is None
 
 
+# --- gradients folded into the update (the fused training step's path) -----------------------
+
+
+def test_fold_gradient_first_step_by_hand():
+    # The gradient [[0.5, -1], [0, 0.25]] given as a @ b (a column times a row, plus nothing).
+    w = param([[1.0, 2.0], [0.0, 1.0]])
+    b_ = param([0.5, 0.0])
+    opt = SGDHinton([w, b_], lr=0.5, momentum=0.5, weight_decay=0.25)
+    a = torch.tensor([[1.0, 0.0], [0.0, 0.5]])
+    b = torch.tensor([[0.5, -1.0], [0.0, 0.5]])
+    opt.fold_gradient(w, a, b)
+    opt.fold_gradient(b_, torch.tensor([1.0, -1.0]))
+    # v1 = -(1 - 0.5) * 0.5 * (g + 0.25 w) = -0.25 * ([[0.5, -1], [0, 0.25]] + [[0.25, 0.5], [0, 0.25]])
+    #    = -0.25 * [[0.75, -0.5], [0, 0.5]] = [[-0.1875, 0.125], [0, -0.125]]
+    assert_exact(opt.state[w]["velocity"], [[-0.1875, 0.125], [0.0, -0.125]])
+    # the bias: -0.25 * ([1, -1] + 0.25 * [0.5, 0]) = [-0.28125, 0.25]
+    assert_exact(opt.state[b_]["velocity"], [-0.28125, 0.25])
+    assert_exact(w, [[1.0, 2.0], [0.0, 1.0]])  # the weights move at the step, not before
+    opt.step()
+    assert_exact(w, [[0.8125, 2.125], [0.0, 0.875]])
+    assert_exact(b_, [0.21875, 0.25])
+
+
+def test_fold_gradient_equals_the_step_from_grad_over_several_steps():
+    gen = torch.Generator().manual_seed(3)
+    kw = dict(lr=0.3, momentum=0.7, max_norm=0.9, weight_decay=0.01)
+
+    def params():
+        w = torch.randn(5, 4, generator=gen, dtype=torch.float64) * 0.4
+        b = torch.randn(5, generator=gen, dtype=torch.float64)
+        return [torch.nn.Parameter(w), torch.nn.Parameter(b)]
+
+    by_grad = params()
+    folded = [torch.nn.Parameter(p.detach().clone()) for p in by_grad]
+    opt_g = SGDHinton([{"params": by_grad[:1]}, {"params": by_grad[1:], "max_norm": None}], **kw)
+    opt_f = SGDHinton([{"params": folded[:1]}, {"params": folded[1:], "max_norm": None}], **kw)
+    for step in range(4):
+        a = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+        b = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+        gb = torch.randn(5, generator=gen, dtype=torch.float64)
+        if step == 2:  # a schedule changes lr and momentum between steps
+            for opt in (opt_g, opt_f):
+                for group in opt.param_groups:
+                    group["lr"], group["momentum"] = 0.2, 0.8
+        by_grad[0].grad, by_grad[1].grad = a @ b, gb.clone()
+        # a stale .grad on the folded side must be ignored
+        folded[0].grad = torch.full((5, 4), 1e3, dtype=torch.float64)
+        opt_f.fold_gradient(folded[0], a, b)
+        opt_f.fold_gradient(folded[1], gb)
+        opt_g.step()
+        opt_f.step()
+        for p, q in zip(by_grad, folded):
+            torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-13, atol=1e-15)
+    assert torch.linalg.vector_norm(folded[0], dim=1).max().item() <= 0.9 + 1e-12
+
+
+def test_fold_gradient_reads_the_groups_after_load_state_dict():
+    w = param([[1.0, 2.0]])
+    opt = SGDHinton([w], lr=0.5, momentum=0.5)
+    opt.fold_gradient(w, torch.tensor([[1.0]]), torch.tensor([[0.5, -1.0]]))
+    opt.step()
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # new param_group dicts
+    opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"] = 1.0, 0.0
+    opt.fold_gradient(w, torch.tensor([[1.0]]), torch.tensor([[0.25, 0.5]]))
+    # v = 0 * v - 1 * 1 * [0.25, 0.5]: the new values, not the cached group's
+    assert_exact(opt.state[w]["velocity"], [[-0.25, -0.5]])
+
+
+def test_fold_gradient_refuses_a_tensor_it_does_not_optimise():
+    w = param([[1.0, 2.0]])
+    opt = SGDHinton([w], lr=0.5, momentum=0.5)
+    with pytest.raises(ValueError, match="not a parameter of this optimiser"):
+        opt.fold_gradient(param([[1.0, 2.0]]), torch.ones(1, 1), torch.ones(1, 2))
+
+
+def test_fold_gradient_validates_the_group_values():
+    w = param([[1.0, 2.0]])
+    opt = SGDHinton([w], lr=0.5, momentum=0.5)
+    opt.param_groups[0]["momentum"] = 1.0
+    with pytest.raises(ValueError, match="momentum = 1.0"):
+        opt.fold_gradient(w, torch.ones(1, 1), torch.ones(1, 2))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sgd_hinton_runs_on_the_gpu():
     w = torch.nn.Parameter(torch.tensor([[3.0, 3.5], [0.5, 0.25]], device="cuda"))

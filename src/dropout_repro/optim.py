@@ -8,7 +8,6 @@ import torch
 from torch.optim import Optimizer
 
 
-@torch.no_grad()
 def renorm_rows_(weight: torch.Tensor, max_norm: float) -> None:
     """Divide every row (a unit's incoming weights) whose L2 norm exceeds ``max_norm`` by
     ``norm / max_norm``, in place; rows within the bound are left exactly as they are.
@@ -16,6 +15,11 @@ def renorm_rows_(weight: torch.Tensor, max_norm: float) -> None:
     One reduction and one multiply for the whole matrix: no Python loop over rows and no host sync.
     Dimensions past the first are flattened, so a row is everything that feeds one output unit.
     """
+    with torch.no_grad():
+        _renorm_rows(weight, max_norm)
+
+
+def _renorm_rows(weight: torch.Tensor, max_norm: float) -> None:
     norms = torch.linalg.vector_norm(weight.reshape(weight.shape[0], -1), dim=1)
     # max_norm / norm is below 1 exactly for the rows over the bound; a zero row gives inf -> 1.
     scale = (max_norm / norms).clamp_(max=1.0)
@@ -73,6 +77,62 @@ class SGDHinton(Optimizer):
         defaults = dict(lr=lr, momentum=momentum, max_norm=max_norm, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self._scratch: dict = {}
+        self._folded: set[int] = set()  # ids of the parameters fold_gradient has updated
+        self._groups: dict[int, int] = {}
+
+    def _velocity(self, p: torch.Tensor) -> torch.Tensor:
+        state = self.state[p]
+        if "velocity" not in state:
+            state["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state["velocity"]
+
+    def _update_velocity(self, p, g, lr, momentum, weight_decay) -> None:
+        # Two passes over the velocity's memory, not three; written so that the grouped
+        # trainer's per-run tensors give bit-identical results (its addcmul rounds as this add
+        # with alpha does). The product goes to a buffer kept between steps.
+        v = self._velocity(p)
+        if weight_decay != 0:
+            g = g + p * weight_decay
+        step = _scratch(self._scratch, p)
+        torch.mul(g, -(1.0 - momentum) * lr, out=step)
+        torch.add(step, v, alpha=momentum, out=v)  # v = p v - (1 - p) lr g
+
+    @torch.no_grad()
+    def fold_gradient(self, p: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None):
+        """Make this step's velocity update for ``p`` now, from its gradient ``a``, or from the
+        gradient ``a @ b`` given as its two factors without forming it.
+
+        With factors, one matrix product computes v <- p v - (1 - p) lr (a @ b) in place (BLAS
+        computes C <- beta C + alpha A B in one sweep over C), which saves writing the gradient
+        and reading it back, and a pass over the velocity: about a tenth of a CPU training step.
+        The next ``step`` then only adds the velocity to ``p`` (and applies the max-norm); it
+        ignores ``p.grad``. The rule is the one ``step`` applies; the sums round differently.
+        """
+        group = self._group_of(p)
+        lr, momentum = group["lr"], group["momentum"]
+        weight_decay = group["weight_decay"]
+        _check(lr, momentum, group["max_norm"], weight_decay)
+        if b is None:
+            self._update_velocity(p, a, lr, momentum, weight_decay)
+        else:
+            coef = -(1.0 - momentum) * lr
+            v = self._velocity(p)
+            v.addmm_(a, b, beta=momentum, alpha=coef)
+            if weight_decay != 0:
+                v.add_(p, alpha=coef * weight_decay)
+        self._folded.add(id(p))
+
+    def _group_of(self, p: torch.Tensor) -> dict:
+        # Indices, not the group dicts: load_state_dict replaces those.
+        i = self._groups.get(id(p))
+        if i is None or i >= len(self.param_groups):
+            self._groups = {
+                id(q): i for i, g in enumerate(self.param_groups) for q in g["params"]
+            }
+            i = self._groups.get(id(p))
+            if i is None:
+                raise ValueError("fold_gradient: this tensor is not a parameter of this optimiser")
+        return self.param_groups[i]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -80,32 +140,22 @@ class SGDHinton(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        folded, self._folded = self._folded, set()
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             max_norm, weight_decay = group["max_norm"], group["weight_decay"]
             _check(lr, momentum, max_norm, weight_decay)
-            params = [p for p in group["params"] if p.grad is not None]
+            params = [p for p in group["params"] if id(p) in folded or p.grad is not None]
             if not params:
                 continue
-            coef = -(1.0 - momentum) * lr
             for p in params:
-                state = self.state[p]
-                if "velocity" not in state:
-                    state["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                v, g = state["velocity"], p.grad
-                # Two passes over the velocity's memory, not three; written so that the grouped
-                # trainer's per-run tensors give bit-identical results (its addcmul rounds as
-                # this add with alpha does). The product goes to a buffer kept between steps.
-                if weight_decay != 0:
-                    g = g + p * weight_decay
-                step = _scratch(self._scratch, p)
-                torch.mul(g, coef, out=step)
-                torch.add(step, v, alpha=momentum, out=v)  # v = p v - (1 - p) lr g
-                p.add_(v)
+                if id(p) not in folded:
+                    self._update_velocity(p, p.grad, lr, momentum, weight_decay)
+            torch._foreach_add_(params, [self._velocity(p) for p in params])  # w = w + v
             if max_norm:
                 for p in params:
                     if p.dim() >= 2:
-                        renorm_rows_(p, max_norm)
+                        _renorm_rows(p, max_norm)
         return loss
 
 
