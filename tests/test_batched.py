@@ -486,29 +486,90 @@ def test_a_diverging_run_stops_alone_and_its_company_finishes(data, tmp_path):
 
 @pytest.mark.parametrize("style", ["inverted", "paper"])
 def test_group_masks_are_each_runs_own_masks(style):
-    probs = [0.0, 0.5, 0.2, 0.0]
+    # (input, hidden) dropout per run: none, hidden only, both, input only
+    probs = [(0.0, 0.0), (0.0, 0.5), (0.2, 0.5), (0.2, 0.0)]
     seeds = [11, 12, 13, 14]
     starts = [0, 3, 7, 5]  # streams part-way through, as after a resume
+    widths = [13, 6, 5]  # 7 x 13 = 91 inputs: not a whole number of 64-bit words
+    batch = 7
+    variants = [{"input_dropout": a, "hidden_dropout": b} for a, b in probs]
     runs = [SimpleNamespace(masks=MaskStream(s, counter=c)) for s, c in zip(seeds, starts)]
-    masks = GroupMasks(runs, probs, style, torch.device("cpu"))
-    tail = (7, 13)  # 91 elements: not a whole number of 64-bit words
+    masks = GroupMasks(runs, variants, style, widths, torch.device("cpu"))
+    alone = [MaskStream(s, counter=c) for s, c in zip(seeds, starts)]
     for call in range(3):
-        mask, scale = masks((len(runs), *tail), torch.float32, torch.device("cpu"))
-        kept = mask != 0
-        assert kept.shape == (len(runs), *tail) and kept.dtype == torch.bool
-        for k, (p, seed, start) in enumerate(zip(probs, seeds, starts)):
-            if p == 0:
-                assert runs[k].masks.counter == start  # draws nothing
-                assert bool(kept[k].all())
-                assert float(scale[k].flatten()[0]) == 1.0
-            else:
-                assert runs[k].masks.counter == start + call + 1
+        before = [r.masks.counter for r in runs]
+        sites = masks(batch, torch.float32, torch.device("cpu"))
+        assert len(sites) == len(widths)
+        for k, ((p_in, p_hid), stream) in enumerate(zip(probs, alone)):
+            ps = [p_in] + [p_hid] * (len(widths) - 1)
+
+            def site(p, w):
+                if not p:
+                    return None
                 keep = keep_probability(p)
-                own = MaskStream(seed, counter=start + call).keep_mask(tail, keep, "cpu")
-                assert torch.equal(kept[k], own)
-                assert not bool(own.all())
-                expected = 1.0 / keep if style == "inverted" else 1.0
-                assert float(scale[k].flatten()[0]) == pytest.approx(expected, rel=1e-7)
+                return ((batch, w), keep, 1.0 / keep if style == "inverted" else 1.0)
+
+            own = stream.step_masks([site(p, w) for p, w in zip(ps, widths)], torch.float32, "cpu")
+            for s, (p, w) in enumerate(zip(ps, widths)):
+                mask, scale = sites[s]
+                assert mask.shape == (len(runs), batch, w)
+                if p == 0:
+                    assert bool((mask[k] == 1.0).all())  # keeps every unit, unscaled
+                    assert float(scale[k].flatten()[0]) == 1.0
+                else:
+                    assert torch.equal(mask[k], own[s])  # bit for bit, scale included
+                    assert not bool((own[s] != 0).all())
+                    keep = keep_probability(p)
+                    expected = 1.0 / keep if style == "inverted" else 1.0
+                    assert float(scale[k].flatten()[0]) == pytest.approx(expected, rel=1e-7)
+        # the counters live on the device until synced
+        assert [r.masks.counter for r in runs] == before
+        masks.sync()
+        assert [r.masks.counter for r in runs] == [s.counter for s in alone]
+    # one value per step for a run that drops anything, none for one that drops nothing
+    assert [r.masks.counter for r in runs] == [0, 3 + 3, 7 + 3, 5 + 3]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_hinton", "adam"])
+def test_a_group_step_takes_nothing_from_the_host(optimizer, data, tmp_path, monkeypatch):
+    # On a GPU, a step that builds a tensor from Python numbers or reads one back waits on the
+    # host. Once a stack is set up for its epoch, its steps must do neither; here every way of
+    # doing so is made to fail.
+    from dropout_repro.batched import Group
+    from dropout_repro.train import RunState
+    from dropout_repro.variant import resolve
+
+    train, test = data
+    dev = torch.device("cpu")
+    variants = [
+        resolve({**BASE, "optimizer": optimizer, "input_dropout": 0.2, "hidden_dropout": 0.5}),
+        resolve({**BASE, "optimizer": optimizer, "hidden_dropout": 0.5, "lr0": 0.25}),
+        resolve({**BASE, "optimizer": optimizer}),
+    ]
+    runs = [RunState(v, k, tmp_path / str(k), dev, train, test, None) for k, v in enumerate(variants)]
+    group = Group(runs, dev)
+    group.opt.set_epoch([v["lr0"] for v in variants], [0.5] * 3, dev)
+    loss_sum = torch.zeros(3, dtype=torch.float64)
+    err_sum = torch.zeros(3, dtype=torch.int64)
+    batches = torch.split(torch.stack([torch.randperm(len(train)) for _ in runs]), 50, dim=1)
+    group.train_batch(train, batches[0], "mean", loss_sum, err_sum)  # the first step sets up
+    before = [w.clone() for w in group.weights]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a training step went to the host")
+
+    for name in ("tensor", "as_tensor", "from_numpy"):
+        monkeypatch.setattr(torch, name, refuse)
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    for idx in batches[1:4]:
+        group.train_batch(train, idx, "mean", loss_sum, err_sum)
+    monkeypatch.undo()
+    assert all(not torch.equal(a, b) for a, b in zip(before, group.weights))  # it did train
+    assert group.masks.counters.tolist() == [4, 4, 0]
+    assert [r.masks.counter for r in runs] == [0, 0, 0]  # synced only for a checkpoint
+    group.sync_to_runs(0)
+    assert [r.masks.counter for r in runs] == [4, 4, 0]
 
 
 # --- the max-norm bound ------------------------------------------------------------------------

@@ -327,6 +327,87 @@ def test_train_step_in_float32_matches_autograd():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_train_step_folded_into_sgd_hinton_equals_train_step_then_step(weight_decay):
+    from dropout_repro.optim import SGDHinton
+
+    gen = torch.Generator().manual_seed(6)
+    net = MLP([24, 12], "relu", 0.2, 0.5, "inverted", init_std=0.1, generator=gen).double()
+    ref = copy.deepcopy(net)
+    net.masks, ref.masks = MaskStream(9), MaskStream(9)
+
+    def opt(m):
+        groups = [
+            {"params": m.hidden_weights, "max_norm": 0.5},
+            {"params": [m.layers[-1].weight] + [layer.bias for layer in m.layers]},
+        ]
+        return SGDHinton(groups, lr=0.5, momentum=0.6, weight_decay=weight_decay)
+
+    opt_net, opt_ref = opt(net), opt(ref)
+    for _ in range(3):
+        x = torch.randn(10, 784, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 10, (10,), generator=gen)
+        loss, _ = net.train_step(x, y, fold=opt_net.fold_gradient)
+        opt_net.step()
+        loss_ref, _ = ref.train_step(x, y)
+        opt_ref.step()
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=0)
+        for p, q in zip(net.parameters(), ref.parameters()):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-15)
+    assert all(p.grad is None for p in net.parameters())  # nothing went through .grad
+    assert max(torch.linalg.vector_norm(w, dim=1).max().item() for w in net.hidden_weights) > 0.49
+
+
+# --- a step's masks ----------------------------------------------------------------------------
+
+
+def python_draws(stream_key: int, counter: int, words: int) -> list[int]:
+    base = splitmix64((stream_key + counter * GOLDEN) & MASK64)
+    draws = []
+    for j in range(words):
+        word = splitmix64((base + (j - 1) * GOLDEN) & MASK64)
+        for k in range(4):
+            d = (word >> (16 * k)) & 0xFFFF
+            draws.append(d - (1 << 16) if d >= 1 << 15 else d)
+    return draws
+
+
+def test_a_steps_masks_take_consecutive_words_of_one_draw():
+    stream = MaskStream(seed=5, counter=2)
+    keep_in, keep_h = keep_probability(0.2), keep_probability(0.5)
+    sites = [((3, 5), keep_in, 1.25), None, ((2, 7), keep_h, 2.0), ((1, 3), keep_h, 2.0)]
+    masks = stream.step_masks(sites, torch.float64, "cpu")
+    assert stream.counter == 3  # one counter value for the whole step
+    # 15 draws take words 0-3 (one draw to spare), 14 take words 4-7, 3 take word 8
+    draws = python_draws(stream.key, 2, 9)
+    expected = [
+        [1.25 if d < round(keep_in * 65536) - 32768 else 0.0 for d in draws[0:15]],
+        None,
+        [2.0 if d < 0 else 0.0 for d in draws[16:30]],
+        [2.0 if d < 0 else 0.0 for d in draws[32:35]],
+    ]
+    for mask, site, exp in zip(masks, sites, expected):
+        if site is None:
+            assert mask is None
+        else:
+            assert mask.shape == site[0] and mask.dtype == torch.float64
+            assert mask.flatten().tolist() == exp
+    # a step that drops nothing draws nothing
+    assert stream.step_masks([None, None], torch.float32, "cpu") == [None, None]
+    assert stream.counter == 3
+
+
+def test_the_networks_step_masks_are_its_sites_in_order():
+    net = MLP([6, 4], "relu", 0.2, 0.5, "paper")
+    assert net.dropout_sites(3) == [
+        ((3, 784), keep_probability(0.2), 1.0),
+        ((3, 6), 0.5, 1.0),
+        ((3, 4), 0.5, 1.0),
+    ]
+    net = MLP([6, 4], "relu", 0.0, 0.5, "inverted")
+    assert net.dropout_sites(3) == [None, ((3, 6), 0.5, 2.0), ((3, 4), 0.5, 2.0)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_masks_are_the_same_on_the_gpu():
     cpu = MaskStream(3).keep_mask((300, 7), keep_probability(0.2), "cpu")

@@ -22,8 +22,8 @@ import torch
 from torch.nn import functional as F
 
 from . import schedules
-from .model import _GOLDEN, KEEP_RESOLUTION, _affine, _mix_, _signed, fused_step
-from .model import draw_threshold, keep_probability
+from .model import _GOLDEN, N_INPUTS, _affine, _golden_iota, _mix_, _signed, fused_step
+from .model import draw_threshold, keep_probability, word_spans
 from .optim import _scratch
 from .train import (
     RunState,
@@ -78,42 +78,94 @@ def _runs_tensor(values, dev, shape=(-1,)) -> torch.Tensor:
 
 
 class GroupMasks:
-    """The dropout masks of a group: for each run, exactly the mask its own ``MaskStream`` would
-    give it alone (``scaled_mask``: its scale where kept, 0 where dropped), computed for all runs
-    in one pass. A run that does not drop at this layer draws nothing (its stream does not
-    advance) and keeps every unit."""
+    """The dropout masks of a group: for each run, exactly the masks its own ``MaskStream`` would
+    give it alone (``step_masks``), computed for all runs at once, site by site.
 
-    def __init__(self, runs: list[RunState], probs: list[float], style: str, dev):
+    The runs' counters live on the device, and each step's hash offsets are computed there from
+    them, so drawing masks never waits on the host; ``sync`` writes the counters back to the
+    runs' streams (for their checkpoints). A run that drops nothing at a site gets a mask of
+    ones there (and its draws are not taken from its stream, as alone); a run that drops
+    nothing at all does not advance its counter.
+    """
+
+    def __init__(self, runs: list[RunState], variants, style: str, widths, dev):
         self.runs = runs
-        self.active = [p > 0 for p in probs]
-        keeps = [keep_probability(p) if p > 0 else 1.0 for p in probs]
-        # int16 draws lie in [-2^15, 2^15): a threshold of 2^15 keeps everything.
-        thresholds = [
-            draw_threshold(k) if a else KEEP_RESOLUTION // 2 for k, a in zip(keeps, self.active)
+        self.widths = list(widths)  # per site: the inputs, then each hidden layer
+        probs = [
+            [v["input_dropout"]] + [v["hidden_dropout"]] * (len(widths) - 1) for v in variants
         ]
-        self.threshold = torch.tensor(thresholds, dtype=torch.int64, device=dev).view(-1, 1)
-        scales = [
-            1.0 / k if (style == "inverted" and a) else 1.0 for k, a in zip(keeps, self.active)
+        self.active = [[p > 0 for p in row] for row in probs]  # [run][site]
+        n_sites = len(widths)
+        # Per site and run: a draw keeps its unit when <= limit (32767 keeps everything).
+        limits = [
+            [draw_threshold(keep_probability(p)) - 1 if p > 0 else (1 << 15) - 1 for p in row]
+            for row in probs
         ]
-        self.scale = _runs_tensor(scales, dev, (-1, 1, 1))
-        self._iota = {}
+        self._scale_values = [
+            [1.0 / keep_probability(p) if (p > 0 and style == "inverted") else 1.0 for p in row]
+            for row in probs
+        ]
+        self.site_active = [any(a[s] for a in self.active) for s in range(n_sites)]
+        self.limits = [
+            torch.tensor([row[s] for row in limits], dtype=torch.int16, device=dev).view(-1, 1)
+            for s in range(n_sites)
+        ]
+        self._scales: dict = {}
+        self.keys = torch.tensor([_signed(r.masks.key) for r in runs], device=dev)
+        self.counters = torch.tensor([r.masks.counter for r in runs], device=dev)
+        self.draws_any = torch.tensor([int(any(a)) for a in self.active], device=dev)
+        self._offsets: dict = {}
+        self._iota: dict = {}
 
-    def __call__(self, shape, dtype, device):
-        k, tail = shape[0], shape[1:]
-        n = math.prod(tail)
-        words = (n + 3) // 4
-        if words not in self._iota:
-            self._iota[words] = torch.arange(words, dtype=torch.int64, device=device)
-        bases = []
-        for run, active in zip(self.runs, self.active):
-            bases.append(run.masks.base())
-            if active:
-                run.masks.counter += 1
-        base = torch.tensor(bases, dtype=torch.int64, device=device).view(-1, 1)
-        z = self._iota[words].mul(_signed(_GOLDEN)).unsqueeze(0).add(base)
-        draws = _mix_(z).view(torch.int16)[:, :n].reshape(k, *tail)
-        kept = draws < self.threshold.view(k, *([1] * len(tail)))
-        return kept.to(dtype).mul_(self.scale.to(dtype)), self.scale
+    def _site_scales(self, dtype, dev) -> list:
+        """Per site, the runs' scales as a (runs, 1, 1) tensor of ``dtype``, made from the
+        very floats a run alone uses."""
+        if dtype not in self._scales:
+            self._scales[dtype] = [
+                torch.tensor([row[s] for row in self._scale_values], dtype=dtype, device=dev)
+                .view(-1, 1, 1)
+                for s in range(len(self.widths))
+            ]
+        return self._scales[dtype]
+
+    def _site_offsets(self, batch: int, dev) -> torch.Tensor:
+        """(runs, sites): each run's word offset of each site, times golden, wrapped."""
+        if batch not in self._offsets:
+            rows = []
+            for active in self.active:
+                sizes = [batch * w if a else None for w, a in zip(self.widths, active)]
+                spans = word_spans(sizes)
+                rows.append([_signed((sp[0] // 4) * _GOLDEN) if sp else 0 for sp in spans])
+            self._offsets[batch] = torch.tensor(rows, dtype=torch.int64, device=dev)
+        return self._offsets[batch]
+
+    def __call__(self, batch: int, dtype, dev) -> list:
+        """One step's masks, per site ``None`` or ``(mask (runs, batch, width), scale)``."""
+        # base = splitmix64(key + counter * golden): the next step's hash offset, per run.
+        bases = _mix_(self.counters.mul(_signed(_GOLDEN)).add_(self.keys).add_(_signed(_GOLDEN)))
+        self.counters.add_(self.draws_any)
+        offsets = self._site_offsets(batch, dev)
+        scales = self._site_scales(dtype, dev)
+        K = len(self.runs)
+        out = []
+        for s, width in enumerate(self.widths):
+            if not self.site_active[s]:
+                out.append(None)
+                continue
+            n = batch * width
+            words = (n + 3) // 4
+            iota = _golden_iota(self._iota, words, dev)[:words]
+            z = iota.unsqueeze(0).add((bases + offsets[:, s]).unsqueeze(1))
+            draws = _mix_(z).view(torch.int16)[:, :n].view(K, batch, width)
+            mask = draws.new_empty(draws.shape, dtype=dtype)
+            torch.le(draws, self.limits[s].view(K, 1, 1), out=mask)  # 1 kept, 0 dropped
+            out.append((mask.mul_(scales[s]), scales[s]))
+        return out
+
+    def sync(self) -> None:
+        """Write the device-side counters back to the runs' own streams."""
+        for run, counter in zip(self.runs, self.counters.tolist()):
+            run.masks.counter = counter
 
 
 class _GroupMaxNorm:
@@ -141,23 +193,50 @@ class GroupSGDHinton(_GroupMaxNorm):
         self.weight_decay = _runs_tensor(wd, dev) if any(wd) else None
         super().__init__(hidden_weights, output_weight, variants, dev)
         self.coef = self.momentum = None
+        self._host_wd = wd
+        self._index = {id(p): i for i, p in enumerate(params)}
+        self._folded: set[int] = set()
         self._scratch: dict = {}
+        self._grads: dict = {}
 
     def set_epoch(self, lrs, moms, dev) -> None:
+        coefs = [-(1.0 - m) * lr for lr, m in zip(lrs, moms)]
         self.momentum = _runs_tensor(moms, dev)
-        self.coef = _runs_tensor([-(1.0 - m) * lr for lr, m in zip(lrs, moms)], dev)
+        self.coef = _runs_tensor(coefs, dev)
+        self._host = list(zip(moms, coefs, self._host_wd))
+
+    def _update_velocity(self, p, v, g) -> None:
+        shape = (-1,) + (1,) * (p.dim() - 1)
+        if self.weight_decay is not None:
+            wd = self.weight_decay.view(shape)
+            g = torch.where(wd != 0, g + p * wd, g)
+        step = torch.mul(g, self.coef.view(shape), out=_scratch(self._scratch, p))
+        torch.addcmul(step, v, self.momentum.view(shape), out=v)
+
+    @torch.no_grad()
+    def fold_gradient(self, p, a, b=None) -> None:
+        """``SGDHinton.fold_gradient`` for the stack. On the CPU a product is folded run by run
+        with the run's own scalars, the very call a run alone makes; elsewhere the stacked
+        gradient is formed and the vectorised update follows."""
+        i = self._index[id(p)]
+        v = self.velocities[i]
+        if b is not None and p.device.type == "cpu":
+            for k, (momentum, coef, weight_decay) in enumerate(self._host):
+                v[k].addmm_(a[k], b[k], beta=momentum, alpha=coef)
+                if weight_decay != 0:
+                    v[k].add_(p[k], alpha=coef * weight_decay)
+        else:
+            g = a if b is None else torch.matmul(a, b, out=_scratch(self._grads, p))
+            self._update_velocity(p, v, g)
+        self._folded.add(i)
 
     @torch.no_grad()
     def step(self) -> None:
-        for p, v in zip(self.params, self.velocities):
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            g = p.grad
-            if self.weight_decay is not None:
-                wd = self.weight_decay.view(shape)
-                g = torch.where(wd != 0, g + p * wd, g)
-            step = torch.mul(g, self.coef.view(shape), out=_scratch(self._scratch, p))
-            torch.addcmul(step, v, self.momentum.view(shape), out=v)
-            p.add_(v)
+        folded, self._folded = self._folded, set()
+        for i, (p, v) in enumerate(zip(self.params, self.velocities)):
+            if i not in folded:
+                self._update_velocity(p, v, p.grad)
+        torch._foreach_add_(self.params, self.velocities)
         self.apply_max_norm()
 
     def run_state(self, k: int, param_index: int) -> dict:
@@ -183,14 +262,17 @@ class GroupAdam(_GroupMaxNorm):
         self.lrs = None
 
     def set_epoch(self, lrs, moms, dev) -> None:
-        self.lrs = lrs
+        # float64 on the device: lr / bias correction there rounds as Python's float does,
+        # and the step needs nothing from the host but two numbers.
+        self.lrs = torch.tensor(lrs, dtype=torch.float64, device=dev)
 
     @torch.no_grad()
     def step(self) -> None:
         self.steps += 1
         bc1 = 1 - self.beta1**self.steps
         bc2_sqrt = (1 - self.beta2**self.steps) ** 0.5
-        neg_step = _runs_tensor([-(lr / bc1) for lr in self.lrs], self.params[0].device)
+        # torch's Adam: p - (lr / bc1) * m / denom, its step size a float32 number
+        neg_step = self.lrs.div(bc1).neg_().to(self.params[0].dtype)
         for p, m, s in zip(self.params, self.exp_avg, self.exp_avg_sq):
             g = p.grad
             if self.weight_decay != 0:
@@ -244,11 +326,10 @@ class Group:
         self.params = self.weights[:-1] + [self.weights[-1]] + self.biases
         cls = GroupAdam if v0["optimizer"] == "adam" else GroupSGDHinton
         self.opt = cls(self.params, self.weights[:-1], self.weights[-1], self.variants, dev)
+        self.fold = getattr(self.opt, "fold_gradient", None)  # for fused_step
         style = v0["dropout_style"]
-        self.input_masks = GroupMasks(runs, [v["input_dropout"] for v in self.variants], style, dev)
-        self.hidden_masks = GroupMasks(
-            runs, [v["hidden_dropout"] for v in self.variants], style, dev
-        )
+        widths = [N_INPUTS] + list(v0["hidden"])
+        self.masks = GroupMasks(runs, self.variants, style, widths, dev)
         self.any_input = any(v["input_dropout"] for v in self.variants)
         self.any_hidden = any(v["hidden_dropout"] for v in self.variants)
         self.relu = v0["activation"] == "relu"
@@ -272,6 +353,7 @@ class Group:
     def sync_to_runs(self, epoch: int) -> None:
         """Copy each run's slice into its own network and optimiser (for its checkpoint), with
         this epoch's learning rate and momentum in its optimiser, as train_run leaves them."""
+        self.masks.sync()
         for k, run in enumerate(self.runs):
             schedules.apply(run.opt, run.variant, epoch)
             with torch.no_grad():
@@ -281,6 +363,25 @@ class Group:
             opt = self._single_opt(run)
             for i, p in enumerate(self._single_params(run)):
                 opt.state[p] = self.opt.run_state(k, i)
+
+    @torch.no_grad()
+    def train_batch(self, split, idx, reduction, loss_sum, err_sum) -> None:
+        """One step of every run, run k on the examples ``idx[k]`` of ``split``; adds each run's
+        summed loss and error count to its running (device) totals. Nothing in it waits on
+        the host: the masks' counters and the optimisers' per-run numbers live on the device."""
+        x, y = split.batch(idx)
+        loss, logits = fused_step(
+            self.layers,
+            x,
+            y,
+            relu=self.relu,
+            masks=self.masks(x.shape[1], x.dtype, x.device),
+            reduction=reduction,
+            fold=self.fold,
+        )
+        self.opt.step()
+        loss_sum += (loss if reduction == "sum" else loss * idx.shape[1]).double()
+        err_sum += (logits.argmax(-1) != y).sum(-1)
 
     @torch.no_grad()
     def evaluate(self, test, chunk: int = 10_000):
@@ -398,21 +499,7 @@ def _train_stack(runs, start_epoch, epochs, train, test, dev, checkpoint_every, 
         loss_sum = torch.zeros(K, device=dev, dtype=torch.float64)
         err_sum = torch.zeros(K, device=dev, dtype=torch.int64)
         for idx in torch.split(perms, bs, dim=1):
-            x, y = train.images[idx], train.labels[idx]
-            loss, logits = fused_step(
-                group.layers,
-                x,
-                y,
-                relu=group.relu,
-                input_mask=group.input_masks if group.any_input else None,
-                hidden_mask=group.hidden_masks if group.any_hidden else None,
-                reduction=reduction,
-            )
-            group.opt.step()
-            with torch.no_grad():
-                batch_sum = loss if reduction == "sum" else loss * idx.shape[1]
-                loss_sum += batch_sum.double()
-                err_sum += (logits.argmax(-1) != y).sum(-1)
+            group.train_batch(train, idx, reduction, loss_sum, err_sum)
         test_loss, test_err = group.evaluate(test)
         norms = group.max_row_norms()
         loss_sum, err_sum = loss_sum.tolist(), err_sum.tolist()

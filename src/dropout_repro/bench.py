@@ -12,12 +12,12 @@ import sys
 import time
 
 import torch
-from torch.nn import functional as F
 
 from ._malloc import keep_freed_memory
-from .model import MLP, MaskStream, fused_step
+from .data import Split
+from .model import MLP, MaskStream
 from .optim import build_optimizer
-from .train import pick_device
+from .train import pick_device, train_batch
 from .variant import resolve
 
 STEPS_PER_EPOCH = 600  # 60,000 images / 100
@@ -42,19 +42,21 @@ def _time(fn, steps: int, device) -> float:
 
 
 def training_step(device, variant=None):
-    """A closure running one training step of ``variant`` on resident random data."""
+    """A closure running one step of the training loop (``train.train_batch``) of ``variant``
+    on resident random data."""
     variant = resolve(variant or BENCH_VARIANT)
     gen = torch.Generator().manual_seed(0)
     model = MLP.from_variant(variant, generator=gen).to(device)
     model.masks = MaskStream(1)
     others = [model.layers[-1].weight] + [layer.bias for layer in model.layers]
     opt = build_optimizer(variant, model.hidden_weights, others, model.layers[-1].weight)
+    fold = getattr(opt, "fold_gradient", None)
     n = 6000
-    images = torch.randn(n, 784, generator=gen).to(device)
-    labels = torch.randint(0, 10, (n,), generator=gen).to(device)
-    bs = variant["batch_size"]
-    perm = torch.randperm(n, generator=gen).to(device)
-    batches = list(torch.split(perm, bs))
+    data = Split(
+        torch.randn(n, 784, generator=gen).to(device),
+        torch.randint(0, 10, (n,), generator=gen).to(device),
+    )
+    batches = list(torch.split(torch.randperm(n, generator=gen).to(device), variant["batch_size"]))
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     err_sum = torch.zeros((), device=device, dtype=torch.int64)
     i = 0
@@ -63,12 +65,7 @@ def training_step(device, variant=None):
         nonlocal i
         idx = batches[i % len(batches)]
         i += 1
-        x, y = images[idx], labels[idx]
-        loss, logits = model.train_step(x, y)
-        opt.step()
-        with torch.no_grad():
-            loss_sum.add_(loss.detach().double() * len(idx))
-            err_sum.add_((logits.argmax(1) != y).sum())
+        train_batch(model, opt, fold, data, idx, variant["loss_reduction"], loss_sum, err_sum)
 
     return step
 
@@ -103,7 +100,6 @@ def group_step(device, runs: int, variant=None):
     import tempfile
 
     from .batched import Group
-    from .data import Split
     from .train import RunState
 
     variant = resolve(variant or BENCH_VARIANT)
@@ -128,20 +124,7 @@ def group_step(device, runs: int, variant=None):
         nonlocal i
         idx = batches[i % len(batches)]
         i += 1
-        x, y = data.images[idx], data.labels[idx]
-        loss, logits = fused_step(
-            group.layers,
-            x,
-            y,
-            relu=group.relu,
-            input_mask=group.input_masks,
-            hidden_mask=group.hidden_masks,
-            reduction="mean",
-        )
-        group.opt.step()
-        with torch.no_grad():
-            loss_sum.add_((loss * idx.shape[1]).double())
-            err_sum.add_((logits.argmax(-1) != y).sum(-1))
+        group.train_batch(data, idx, variant["loss_reduction"], loss_sum, err_sum)
 
     return step
 

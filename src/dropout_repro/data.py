@@ -20,6 +20,13 @@ class Split:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images and labels at ``idx`` (any shape: (B,) for one run, (K, B) for a stack).
+        ``index_select`` gathers the rows about 5x faster than ``images[idx]`` on the CPU."""
+        flat = idx.reshape(-1)
+        images = self.images.index_select(0, flat).view(*idx.shape, self.images.shape[-1])
+        return images, self.labels.index_select(0, flat).view(idx.shape)
+
 
 def load_mnist(
     root: str,

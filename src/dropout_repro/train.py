@@ -41,7 +41,7 @@ COLUMNS = [
     "seconds",
 ]
 CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: one mask counter value per training step
 
 
 class CheckpointMismatch(RuntimeError):
@@ -373,19 +373,14 @@ def train_run(
     run.resume(epochs, on_stale_checkpoint, log)
     model, opt = run.model, run.opt
     reduction = variant["loss_reduction"]
+    fold = getattr(opt, "fold_gradient", None)  # SGDHinton takes its gradients as products
     for epoch in range(run.start_epoch, epochs):
         t0 = time.perf_counter()
         lr, mom = schedules.apply(opt, variant, epoch)
         loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
         err_sum = torch.zeros((), device=dev, dtype=torch.int64)
         for idx in epoch_batches(len(train), variant["batch_size"], run.data_gen, dev):
-            x, y = train.images[idx], train.labels[idx]
-            loss, logits = model.train_step(x, y, reduction)
-            opt.step()
-            with torch.no_grad():
-                batch_sum = loss if reduction == "sum" else loss * len(idx)
-                loss_sum += batch_sum.double()
-                err_sum += (logits.argmax(-1) != y).sum()
+            train_batch(model, opt, fold, train, idx, reduction, loss_sum, err_sum)
         test_loss, test_err = evaluate(model, test)
         norm = max_row_norm(model.hidden_weights)
         # One host sync per epoch: everything above stays on the device until here.
@@ -405,6 +400,17 @@ def train_run(
         if not run.record(row, epochs, checkpoint_every, log):
             break
     return run.finish(epochs, tf32, time.time() - started)
+
+
+@torch.no_grad()
+def train_batch(model, opt, fold, split, idx, reduction, loss_sum, err_sum) -> None:
+    """One training step on the examples ``idx`` of ``split``; adds the batch's summed loss and
+    its error count to the running (device) totals."""
+    x, y = split.batch(idx)
+    loss, logits = model.train_step(x, y, reduction, fold)
+    opt.step()
+    loss_sum += (loss if reduction == "sum" else loss * len(idx)).double()
+    err_sum += (logits.argmax(-1) != y).sum()
 
 
 def epoch_row(
