@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import platform
 import signal
 import subprocess
 import sys
@@ -107,6 +108,11 @@ def test_summary_json(bounded_run):
     assert summary["variant"] == resolve(variant)
     assert summary["device"] == "cpu"
     assert summary["torch_version"] == torch.__version__
+    assert summary["tf32"] is False
+    # a CPU run flushes denormal floats to zero (x86 can; elsewhere it is recorded as not done)
+    assert summary["denormals_flushed"] is (platform.machine().lower() in ("x86_64", "amd64"))
+    if summary["denormals_flushed"]:
+        assert (torch.tensor([1e-39]) * 1.0).item() == 0.0
     assert summary["wall_seconds"] > 0
     assert summary["diverged"] is False and summary["diverged_epoch"] is None
     assert summary["resumed_from_epoch"] is None

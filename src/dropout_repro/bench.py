@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from ._malloc import keep_freed_memory
+from ._cpu import flush_denormals, keep_freed_memory
 from .data import Split
 from .model import MLP, MaskStream
 from .optim import build_optimizer
@@ -143,6 +143,7 @@ def bench(
         torch.backends.cuda.matmul.allow_tf32 = True
     else:
         keep_freed_memory()
+        flush_denormals()  # as a training run does
     # Interleaved rounds, the best of each kept: a shared machine's noise only ever adds time,
     # and alternating keeps a slow spell from landing on one side alone.
     floor_fn, step_fn = gemm_floor_step(dev), training_step(dev)

@@ -47,11 +47,16 @@ def splitmix64(x: int) -> int:
     return z ^ (z >> 31)
 
 
-def _mix_(z: torch.Tensor) -> torch.Tensor:
-    """The same finaliser on an int64 tensor, in place (products wrap; shifts made logical)."""
-    z.bitwise_xor_((z >> 30) & ((1 << 34) - 1)).mul_(_signed(_MIX1))
-    z.bitwise_xor_((z >> 27) & ((1 << 37) - 1)).mul_(_signed(_MIX2))
-    return z.bitwise_xor_((z >> 31) & ((1 << 33) - 1))
+def _mix_(z: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
+    """The same finaliser on an int64 tensor, in place (products wrap; shifts made logical).
+    ``work``: a buffer like ``z`` for the shifted copies (else one is made)."""
+    t = torch.empty_like(z) if work is None else work
+    for shift, mul in ((30, _signed(_MIX1)), (27, _signed(_MIX2)), (31, None)):
+        torch.bitwise_right_shift(z, shift, out=t).bitwise_and_((1 << (64 - shift)) - 1)
+        z.bitwise_xor_(t)
+        if mul is not None:
+            z.mul_(mul)
+    return z
 
 
 def draw_threshold(keep: float) -> int:
@@ -91,6 +96,7 @@ class MaskStream:
         self.counter = counter
         self._golden_iota: dict = {}
         self._plans: dict = {}
+        self._work: dict = {}
 
     def step_masks(self, sites, dtype, device) -> list:
         """One step's masks. ``sites`` lists, per dropout site, ``(shape, keep, scale)`` or
@@ -125,11 +131,16 @@ class MaskStream:
         return self._draws((n + 3) // 4, device)[:n].view(shape) <= draw_threshold(keep) - 1
 
     def _draws(self, words: int, device) -> torch.Tensor:
-        """The next step's ``4 * words`` draws, uniform in [-2^15, 2^15) (int16)."""
+        """The next step's ``4 * words`` draws, uniform in [-2^15, 2^15) (int16), in a buffer
+        of this stream's that the next call overwrites."""
         iota = _golden_iota(self._golden_iota, words, device)
-        z = iota[:words].add(self.base())
+        key = (words, str(device))
+        if key not in self._work:  # kept between steps: warm in the cache, no page faults
+            self._work = {key: (torch.empty_like(iota[:words]), torch.empty_like(iota[:words]))}
+        z, work = self._work[key]
+        torch.add(iota[:words], self.base(), out=z)
         self.counter += 1
-        return _mix_(z).view(torch.int16)
+        return _mix_(z, work).view(torch.int16)
 
     def base(self) -> int:
         """The hash offset of the next step (as a signed 64-bit integer): word j of its masks

@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from . import __version__, schedules
-from ._malloc import keep_freed_memory
+from ._cpu import flush_denormals, flushing_denormals, keep_freed_memory
 from .data import Split, epoch_batches, load_mnist
 from .model import MLP, MaskStream
 from .optim import build_optimizer, max_row_norm
@@ -288,6 +288,7 @@ class RunState:
             "device": describe_device(self.dev),
             "torch_version": torch.__version__,
             "tf32": bool(tf32),
+            "denormals_flushed": self.dev.type == "cpu" and flushing_denormals(),
             "threads": torch.get_num_threads(),
             "train_size": self.train_size,
             "test_size": self.test_size,
@@ -323,6 +324,7 @@ def prepare_device(device: str, threads: int | None, tf32: bool) -> tuple[torch.
         torch.backends.cudnn.allow_tf32 = tf32
         return dev, tf32
     keep_freed_memory()
+    flush_denormals()
     return dev, False
 
 

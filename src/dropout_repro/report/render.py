@@ -569,6 +569,7 @@ def build_context(
             "device": distinct("device"),
             "torch": distinct("torch_version"),
             "tf32": distinct("tf32"),
+            "denormals": distinct("denormals_flushed"),
             "threads": distinct("threads"),
             "package": distinct("package_version"),
             "seeds": ", ".join(str(s) for s in sorted({r.seed for r in runs})),
