@@ -130,12 +130,18 @@ def group_step(device, runs: int, variant=None):
 
 
 def bench(
-    steps: int = 300,
+    steps: int = 600,
     threads: int | None = None,
     device: str = "auto",
-    rounds: int = 5,
+    rounds: int = 20,
     runs: list[int] | None = None,
 ) -> dict:
+    """Time the training step and its GEMM floor in interleaved rounds and print seconds per
+    epoch and their ratio; with ``runs``, also run-epochs per second of stacks of K runs.
+
+    The training step is memory-bound where the floor is not: while other tenants of a shared
+    machine load its memory, the step slows far more than the floor. Many short rounds, each
+    kind's fastest kept, read the machine in its quiet spells."""
     if threads:
         torch.set_num_threads(threads)
     dev = pick_device(device)
