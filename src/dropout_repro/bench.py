@@ -8,6 +8,7 @@ what no implementation of this step on this machine can beat.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -151,14 +152,17 @@ def bench(
         keep_freed_memory()
         flush_denormals()  # as a training run does
     # Interleaved rounds, the best of each kept: a shared machine's noise only ever adds time,
-    # and alternating keeps a slow spell from landing on one side alone.
-    floor_fn, step_fn = gemm_floor_step(dev), training_step(dev)
+    # and alternating keeps a slow spell from landing on one kind alone. The stacks (training
+    # steps only, no test evaluation) take part in the same rounds.
+    kinds = {"floor": gemm_floor_step(dev), "step": training_step(dev)}
+    for k in runs or []:
+        kinds[k] = group_step(dev, k)
     per_round = max(steps // rounds, 10)
-    floors, steps_ = [], []
+    best = {name: math.inf for name in kinds}
     for _ in range(rounds):
-        floors.append(_time(floor_fn, per_round, dev) * STEPS_PER_EPOCH)
-        steps_.append(_time(step_fn, per_round, dev) * STEPS_PER_EPOCH)
-    floor, step = min(floors), min(steps_)
+        for name, fn in kinds.items():
+            best[name] = min(best[name], _time(fn, per_round, dev) * STEPS_PER_EPOCH)
+    floor, step = best["floor"], best["step"]
     result = {
         "device": str(dev),
         "threads": torch.get_num_threads(),
@@ -176,20 +180,15 @@ def bench(
         flush=True,
     )
     if runs:
-        # Training steps only (no test evaluation): run-epochs per second, K runs in one stack,
-        # against the single-run trainer's step measured above.
         single_rate = 1.0 / step
         print(f"single-run trainer  {single_rate:8.3f} run-epochs/s", flush=True)
         result["run_epochs_per_second"] = {"single": single_rate}
-        per_round = max(steps // rounds, 10)
         for k in runs:
-            fn = group_step(dev, k)
-            best = min(_time(fn, per_round, dev) for _ in range(rounds)) * STEPS_PER_EPOCH
-            rate = k / best
+            rate = k / best[k]
             result["run_epochs_per_second"][k] = rate
             print(
                 f"stack of K={k:<3d}     {rate:8.3f} run-epochs/s  "
-                f"({best:.3f} s per stacked epoch, {rate / single_rate:.2f}x single)",
+                f"({best[k]:.3f} s per stacked epoch, {rate / single_rate:.2f}x single)",
                 flush=True,
             )
     return result
