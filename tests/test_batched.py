@@ -21,7 +21,15 @@ import torch
 import yaml
 
 from dropout_repro.__main__ import variant_from_config
-from dropout_repro.batched import GroupMasks, RunSpec, _renorm_runs_, group_key, train_group
+from dropout_repro.batched import (
+    GroupMasks,
+    RunSpec,
+    StaticEpoch,
+    _renorm_runs_,
+    epoch_mode,
+    group_key,
+    train_group,
+)
 from dropout_repro.data import load_mnist
 from dropout_repro.model import MaskStream, keep_probability
 from dropout_repro.optim import renorm_rows_
@@ -572,6 +580,80 @@ def test_a_group_step_takes_nothing_from_the_host(optimizer, data, tmp_path, mon
     assert [r.masks.counter for r in runs] == [4, 4, 0]
 
 
+# --- the epoch a CUDA graph captures -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", ["sgd_hinton", "adam", "adam_weight_decay", "paper_logistic"])
+def test_the_captured_epochs_code_gives_the_plain_loops_numbers(group, data, tmp_path):
+    # On a GPU the epochs are replayed from a captured graph: fixed index and sum buffers, the
+    # optimisers' numbers written into their tensors, Adam's per-step numbers from device
+    # tables. Run uncaptured ("static"), that code must give the plain loop's numbers bit for
+    # bit, checkpoints and resumes included.
+    base, members = GROUPS[group]
+    runs = [({**base, **over}, seed) for over, seed in members]
+    plain = [(v, seed, tmp_path / f"p{i}") for i, (v, seed) in enumerate(runs)]
+    static = [(v, seed, tmp_path / f"s{i}") for i, (v, seed) in enumerate(runs)]
+    together(plain, 4, data, checkpoint_every=2, cuda_graphs="off")
+    together(static, 2, data, checkpoint_every=2, cuda_graphs="static")
+    summaries = together(static, 4, data, checkpoint_every=2, cuda_graphs="static")
+    for (_, _, a), (_, _, b), summary in zip(plain, static, summaries):
+        assert metrics(a) == metrics(b)
+        assert len(metrics(b)) == 4 and summary["resumed_from_epoch"] == 2
+        assert summary["cuda_graphs"] is False  # nothing was captured on the CPU
+        assert_same_checkpoint_state(
+            torch.load(a / "checkpoint.pt", weights_only=True),
+            torch.load(b / "checkpoint.pt", weights_only=True),
+        )
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_hinton", "adam"])
+def test_the_captured_epoch_takes_nothing_from_the_host(optimizer, data, tmp_path, monkeypatch):
+    # What a CUDA graph captures must not read from or write to the host: every way of doing so
+    # fails here while the epoch's steps run.
+    from dropout_repro.batched import Group
+    from dropout_repro.train import RunState
+    from dropout_repro.variant import resolve
+
+    train, test = data
+    dev = torch.device("cpu")
+    variants = [
+        resolve({**BASE, "optimizer": optimizer, "input_dropout": 0.2, "hidden_dropout": 0.5}),
+        resolve({**BASE, "optimizer": optimizer, "lr0": 0.25, "weight_decay": 1e-3}),
+    ]
+    runs = [RunState(v, k, tmp_path / str(k), dev, train, test, None) for k, v in enumerate(variants)]
+    group = Group(runs, dev)
+    group.opt.set_epoch([v["lr0"] for v in variants], [0.5] * 2, dev)
+    epoch = StaticEpoch(group, train, 50, "mean", capture=False)
+    perms = torch.stack([torch.randperm(len(train)) for _ in runs])
+    epoch(perms)  # the first epoch builds the caches the capture would find
+    steps = len(epoch.batches)
+    before = [w.clone() for w in group.weights]
+    group.opt.prepare_steps(steps)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a captured step went to the host")
+
+    for name in ("tensor", "as_tensor", "from_numpy"):
+        monkeypatch.setattr(torch, name, refuse)
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    epoch._steps()
+    monkeypatch.undo()
+    group.opt.finish_steps(steps)
+    assert all(not torch.equal(a, b) for a, b in zip(before, group.weights))
+    assert group.masks.counters.tolist() == [2 * steps, 0]
+
+
+def test_a_bad_cuda_graphs_setting_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"cuda_graphs = 'sometimes' is not valid.*auto, on, off"):
+        epoch_mode("sometimes", torch.device("cpu"))
+    with pytest.raises(ValueError, match="needs a CUDA device; this run is on cpu"):
+        epoch_mode("on", torch.device("cpu"))
+    assert epoch_mode("auto", torch.device("cpu")) == "eager"
+    assert epoch_mode("auto", torch.device("cuda")) == "graph"
+    assert epoch_mode("off", torch.device("cuda")) == "eager"
+
+
 # --- the max-norm bound ------------------------------------------------------------------------
 
 
@@ -633,3 +715,26 @@ def test_a_grouped_run_on_the_gpu_equals_its_run_alone_within_rounding(
             assert all(math.isfinite(float(g[k])) for k in ("train_loss", "test_loss"))
             assert abs(int(g["test_errors"]) - int(s["test_errors"])) <= 2
             assert float(g["test_loss"]) == pytest.approx(float(s["test_loss"]), rel=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_epochs_replayed_from_a_cuda_graph_equal_the_plain_loop_within_rounding(
+    optimizer, mnist_like_root, tmp_path
+):
+    variant = OPTIMIZERS[optimizer]
+    family = [variant, {**variant, "lr0": variant["lr0"] / 2, "hidden_dropout": 0.0}]
+    kw = dict(data_root=mnist_like_root, device="cuda", tf32=False, log=quiet)
+    results = {}
+    for mode in ("off", "on"):
+        specs = [RunSpec(v, i + 1, str(tmp_path / mode / str(i))) for i, v in enumerate(family)]
+        results[mode] = train_group(specs, 4, cuda_graphs=mode, **kw)
+    assert all(s["cuda_graphs"] for s in results["on"])
+    assert not any(s["cuda_graphs"] for s in results["off"])
+    for i in range(len(family)):
+        plain, graphed = (read_metrics(tmp_path / m / str(i)) for m in ("off", "on"))
+        assert plain[0]["test_errors"] == graphed[0]["test_errors"]  # epoch 1 is plain in both
+        for a, b in zip(plain, graphed):
+            # the same kernels on the same buffers: equal but for any reordered reduction
+            assert abs(int(a["test_errors"]) - int(b["test_errors"])) <= 2
+            assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-4)

@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from . import schedules
-from .model import _GOLDEN, N_INPUTS, _affine, _golden_iota, _mix_, _signed, fused_step
+from .model import _GOLDEN, N_INPUTS, _affine, _mix_, _signed, fused_step
 from .model import draw_threshold, keep_probability, word_spans
 from .optim import _scratch
 from .train import (
@@ -114,8 +114,7 @@ class GroupMasks:
         self.keys = torch.tensor([_signed(r.masks.key) for r in runs], device=dev)
         self.counters = torch.tensor([r.masks.counter for r in runs], device=dev)
         self.draws_any = torch.tensor([int(any(a)) for a in self.active], device=dev)
-        self._offsets: dict = {}
-        self._iota: dict = {}
+        self._layouts: dict = {}
 
     def _site_scales(self, dtype, dev) -> list:
         """Per site, the runs' scales as a (runs, 1, 1) tensor of ``dtype``, made from the
@@ -128,37 +127,52 @@ class GroupMasks:
             ]
         return self._scales[dtype]
 
-    def _site_offsets(self, batch: int, dev) -> torch.Tensor:
-        """(runs, sites): each run's word offset of each site, times golden, wrapped."""
-        if batch not in self._offsets:
-            rows = []
-            for active in self.active:
-                sizes = [batch * w if a else None for w, a in zip(self.widths, active)]
-                spans = word_spans(sizes)
-                rows.append([_signed((sp[0] // 4) * _GOLDEN) if sp else 0 for sp in spans])
-            self._offsets[batch] = torch.tensor(rows, dtype=torch.int64, device=dev)
-        return self._offsets[batch]
+    def _layout(self, batch: int, dev):
+        """Per batch size: the word terms of the step's hash input, (runs, words), and where
+        each site's draws lie in the words' draws.
+
+        All sites of all runs come from one hash pass a step. The sites that any run drops
+        take consecutive spans of words, in order; within site s's span, word j of run k is
+        hashed at its own stream's word o_ks + j (o_ks: the words of run k's active sites
+        before s), so the term is (o_ks + j) * golden, wrapped. A run that drops nothing at a
+        site gets any draws there; its limit keeps them all."""
+        if batch not in self._layouts:
+            union = word_spans(
+                [batch * w if any_ else None for w, any_ in zip(self.widths, self.site_active)]
+            )
+            words = sum((sp[1] + 3) // 4 for sp in union if sp)
+            terms = torch.zeros(len(self.runs), words, dtype=torch.int64)
+            for k, active in enumerate(self.active):
+                own = word_spans([batch * w if a else None for w, a in zip(self.widths, active)])
+                for sp, mine in zip(union, own):
+                    if sp is None:
+                        continue
+                    start, n = sp[0] // 4, (sp[1] + 3) // 4
+                    first = mine[0] // 4 if mine else 0
+                    terms[k, start : start + n] = torch.arange(first, first + n).mul_(
+                        _signed(_GOLDEN)
+                    )
+            self._layouts[batch] = (terms.to(dev), union)
+        return self._layouts[batch]
 
     def __call__(self, batch: int, dtype, dev) -> list:
         """One step's masks, per site ``None`` or ``(mask (runs, batch, width), scale)``."""
         # base = splitmix64(key + counter * golden): the next step's hash offset, per run.
         bases = _mix_(self.counters.mul(_signed(_GOLDEN)).add_(self.keys).add_(_signed(_GOLDEN)))
         self.counters.add_(self.draws_any)
-        offsets = self._site_offsets(batch, dev)
+        terms, spans = self._layout(batch, dev)
         scales = self._site_scales(dtype, dev)
         K = len(self.runs)
+        draws = _mix_(terms + bases.unsqueeze(1)).view(torch.int16)
         out = []
-        for s, width in enumerate(self.widths):
-            if not self.site_active[s]:
+        for s, (width, span) in enumerate(zip(self.widths, spans)):
+            if span is None:
                 out.append(None)
                 continue
-            n = batch * width
-            words = (n + 3) // 4
-            iota = _golden_iota(self._iota, words, dev)[:words]
-            z = iota.unsqueeze(0).add((bases + offsets[:, s]).unsqueeze(1))
-            draws = _mix_(z).view(torch.int16)[:, :n].view(K, batch, width)
-            mask = draws.new_empty(draws.shape, dtype=dtype)
-            torch.le(draws, self.limits[s].view(K, 1, 1), out=mask)  # 1 kept, 0 dropped
+            start, n = span
+            site = draws[:, start : start + n].view(K, batch, width)
+            mask = site.new_empty(site.shape, dtype=dtype)
+            torch.le(site, self.limits[s].view(K, 1, 1), out=mask)  # 1 kept, 0 dropped
             out.append((mask.mul_(scales[s]), scales[s]))
         return out
 
@@ -201,9 +215,19 @@ class GroupSGDHinton(_GroupMaxNorm):
 
     def set_epoch(self, lrs, moms, dev) -> None:
         coefs = [-(1.0 - m) * lr for lr, m in zip(lrs, moms)]
-        self.momentum = _runs_tensor(moms, dev)
-        self.coef = _runs_tensor(coefs, dev)
+        # Written into the same tensors every epoch: a captured epoch reads them where they are.
+        if self.momentum is None:
+            self.momentum, self.coef = _runs_tensor(moms, dev), _runs_tensor(coefs, dev)
+        else:
+            self.momentum.copy_(_runs_tensor(moms, "cpu"))
+            self.coef.copy_(_runs_tensor(coefs, "cpu"))
         self._host = list(zip(moms, coefs, self._host_wd))
+
+    def prepare_steps(self, count: int) -> None:
+        """Nothing: a step's numbers are the epoch's (see ``GroupAdam.prepare_steps``)."""
+
+    def finish_steps(self, count: int) -> None:
+        """Nothing to count."""
 
     def _update_velocity(self, p, v, g) -> None:
         shape = (-1,) + (1,) * (p.dim() - 1)
@@ -231,7 +255,7 @@ class GroupSGDHinton(_GroupMaxNorm):
         self._folded.add(i)
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, j: int | None = None) -> None:
         folded, self._folded = self._folded, set()
         for i, (p, v) in enumerate(zip(self.params, self.velocities)):
             if i not in folded:
@@ -260,19 +284,49 @@ class GroupAdam(_GroupMaxNorm):
         self.steps = 0
         super().__init__(hidden_weights, output_weight, variants, dev)
         self.lrs = None
+        self._host_lrs = None
+        self._tables = None  # per step of an epoch: (-lr / bc1 per run, sqrt(bc2)), on the device
 
     def set_epoch(self, lrs, moms, dev) -> None:
         # float64 on the device: lr / bias correction there rounds as Python's float does,
         # and the step needs nothing from the host but two numbers.
         self.lrs = torch.tensor(lrs, dtype=torch.float64, device=dev)
+        self._host_lrs = list(lrs)
+
+    def prepare_steps(self, count: int) -> None:
+        """Write the next ``count`` steps' step sizes and bias corrections into device tables,
+        for ``step(j)``: a captured epoch cannot take them from the host as Python numbers.
+        Each is the very float the host computes for ``step()``."""
+        neg, bc2 = [], []
+        for t in range(self.steps + 1, self.steps + count + 1):
+            bc1 = 1 - self.beta1**t
+            neg.append([-(lr / bc1) for lr in self._host_lrs])
+            bc2.append((1 - self.beta2**t) ** 0.5)
+        neg = torch.tensor(neg, dtype=torch.float64).to(self.params[0].dtype)
+        bc2 = torch.tensor(bc2, dtype=torch.float64)
+        dev = self.params[0].device
+        if self._tables is None or self._tables[0].shape != neg.shape:
+            self._tables = (neg.to(dev), bc2.to(dev))
+        else:
+            self._tables[0].copy_(neg)
+            self._tables[1].copy_(bc2)
+
+    def finish_steps(self, count: int) -> None:
+        """Count the ``count`` steps ``step(j)`` made from the tables."""
+        self.steps += count
 
     @torch.no_grad()
-    def step(self) -> None:
-        self.steps += 1
-        bc1 = 1 - self.beta1**self.steps
-        bc2_sqrt = (1 - self.beta2**self.steps) ** 0.5
-        # torch's Adam: p - (lr / bc1) * m / denom, its step size a float32 number
-        neg_step = self.lrs.div(bc1).neg_().to(self.params[0].dtype)
+    def step(self, j: int | None = None) -> None:
+        """One update; ``j``: the update is the ``j``-th of those ``prepare_steps`` tabled, and
+        takes its numbers from the device (the step count moves in ``finish_steps``)."""
+        if j is None:
+            self.steps += 1
+            bc1 = 1 - self.beta1**self.steps
+            bc2_sqrt = (1 - self.beta2**self.steps) ** 0.5
+            # torch's Adam: p - (lr / bc1) * m / denom, its step size a float32 number
+            neg_step = self.lrs.div(bc1).neg_().to(self.params[0].dtype)
+        else:
+            neg_step, bc2_sqrt = self._tables[0][j], self._tables[1][j]
         for p, m, s in zip(self.params, self.exp_avg, self.exp_avg_sq):
             g = p.grad
             if self.weight_decay != 0:
@@ -365,10 +419,11 @@ class Group:
                 opt.state[p] = self.opt.run_state(k, i)
 
     @torch.no_grad()
-    def train_batch(self, split, idx, reduction, loss_sum, err_sum) -> None:
+    def train_batch(self, split, idx, reduction, loss_sum, err_sum, step=None) -> None:
         """One step of every run, run k on the examples ``idx[k]`` of ``split``; adds each run's
         summed loss and error count to its running (device) totals. Nothing in it waits on
-        the host: the masks' counters and the optimisers' per-run numbers live on the device."""
+        the host: the masks' counters and the optimisers' per-run numbers live on the device.
+        ``step``: its number in an epoch of ``StaticEpoch``."""
         x, y = split.batch(idx)
         loss, logits = fused_step(
             self.layers,
@@ -379,7 +434,7 @@ class Group:
             reduction=reduction,
             fold=self.fold,
         )
-        self.opt.step()
+        self.opt.step(step)
         loss_sum += (loss if reduction == "sum" else loss * idx.shape[1]).double()
         err_sum += (logits.argmax(-1) != y).sum(-1)
 
@@ -432,6 +487,81 @@ class Group:
         return torch.stack(per_layer).amax(0)
 
 
+class StaticEpoch:
+    """A stack's epoch of training steps on fixed buffers, captured once as a CUDA graph and
+    replayed every epoch.
+
+    At batch 100 a stacked step is a hundred-odd small kernels, and launching them one by one
+    from Python leaves a GPU mostly idle. Captured, an epoch's 600 steps go to the device as
+    one launch. Everything the steps read is where the capture saw it: each epoch's data order
+    is copied into one index buffer that the steps slice, the loss and error sums are buffers,
+    the optimisers' per-run numbers are written into their tensors (``set_epoch``), and Adam's
+    per-step numbers come from device tables (``prepare_steps``). With ``capture=False`` the
+    same steps run eagerly on the same buffers: the CPU tests check that path's numbers
+    against the plain loop's, bit for bit.
+    """
+
+    def __init__(self, group: Group, split, batch_size: int, reduction: str, capture: bool):
+        K, n, dev = len(group.runs), len(split), split.images.device
+        self.group, self.split, self.reduction = group, split, reduction
+        self.perm = torch.zeros(K, n, dtype=torch.int64, device=dev)
+        self.batches = torch.split(self.perm, batch_size, dim=1)
+        self.loss_sum = torch.zeros(K, device=dev, dtype=torch.float64)
+        self.err_sum = torch.zeros(K, device=dev, dtype=torch.int64)
+        self.graph = None
+        group.opt.prepare_steps(len(self.batches))  # the tables the capture reads
+        if capture:
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self._steps()
+            finally:
+                group.opt._folded = set()  # only host bookkeeping ran
+            self.graph = graph
+
+    def _steps(self) -> None:
+        for j, idx in enumerate(self.batches):
+            self.group.train_batch(
+                self.split, idx, self.reduction, self.loss_sum, self.err_sum, step=j
+            )
+
+    def __call__(self, perms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One epoch in the order ``perms`` (runs, n); returns the loss and error sums."""
+        self.perm.copy_(perms)
+        self.loss_sum.zero_()
+        self.err_sum.zero_()
+        steps = len(self.batches)
+        self.group.opt.prepare_steps(steps)
+        if self.graph is None:
+            self._steps()
+        else:
+            self.graph.replay()
+        self.group.opt.finish_steps(steps)
+        return self.loss_sum, self.err_sum
+
+
+CUDA_GRAPH_MODES = ("auto", "on", "off", "static")
+
+
+def epoch_mode(cuda_graphs: str, dev: torch.device) -> str:
+    """How a stack's epochs run: ``graph`` (captured, CUDA only), ``static`` (``StaticEpoch``
+    uncaptured) or ``eager`` (the plain loop). ``cuda_graphs``: ``auto`` captures on CUDA,
+    ``on`` insists, ``off`` never; ``static`` runs the captured path's code uncaptured."""
+    if cuda_graphs not in CUDA_GRAPH_MODES:
+        raise ValueError(
+            f"cuda_graphs = {cuda_graphs!r} is not valid: expected one of "
+            + ", ".join(CUDA_GRAPH_MODES)
+        )
+    if cuda_graphs == "on" and dev.type != "cuda":
+        raise ValueError(f"cuda_graphs = 'on' needs a CUDA device; this run is on {dev.type}")
+    if cuda_graphs == "static":
+        return "static"
+    if cuda_graphs == "off" or dev.type != "cuda":
+        return "eager"
+    return "graph"
+
+
 def train_group(
     specs: list[RunSpec],
     epochs: int,
@@ -444,11 +574,13 @@ def train_group(
     tf32: bool = True,
     on_stale_checkpoint: str = "error",
     log=None,
+    cuda_graphs: str = "auto",
 ) -> list[dict]:
     """Train several runs in one process, stacked; return their summaries (in ``specs`` order).
 
     The runs must share ``group_key``. Runs whose checkpoints stand at different epochs are
-    trained as separate stacks, one after the other.
+    trained as separate stacks, one after the other. ``cuda_graphs`` (``epoch_mode``): on
+    CUDA each stack's epochs after its first are replayed from one captured CUDA graph.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     check_run_arguments(epochs, checkpoint_every, on_stale_checkpoint)
@@ -465,6 +597,7 @@ def train_group(
             + ")"
         )
     dev, tf32 = prepare_device(device, threads, tf32)
+    mode = epoch_mode(cuda_graphs, dev)
     started = time.time()
     train, test = prepare_data(variants[0], data_root, data, dev, train_limit)
     runs = []
@@ -478,13 +611,17 @@ def train_group(
     for run in runs:
         by_start.setdefault(run.start_epoch, []).append(run)
     for start in sorted(by_start):
-        _train_stack(by_start[start], start, epochs, train, test, dev, checkpoint_every, log)
+        stack = by_start[start]
+        graphed = _train_stack(stack, start, epochs, train, test, dev, checkpoint_every, log, mode)
+        for run in stack:
+            run.cuda_graphs = graphed
     wall = time.time() - started
-    return [run.finish(epochs, tf32, wall) for run in runs]
+    return [run.finish(epochs, tf32, wall, run.cuda_graphs) for run in runs]
 
 
-def _train_stack(runs, start_epoch, epochs, train, test, dev, checkpoint_every, log) -> None:
+def _train_stack(runs, start_epoch, epochs, train, test, dev, checkpoint_every, log, mode):
     group = Group(runs, dev)
+    static = None
     K = len(runs)
     v0 = runs[0].variant
     bs, reduction = v0["batch_size"], v0["loss_reduction"]
@@ -496,10 +633,18 @@ def _train_stack(runs, start_epoch, epochs, train, test, dev, checkpoint_every, 
         group.opt.set_epoch(lrs, moms, dev)
         # Each run's own permutation from its own generator, as train_run draws it.
         perms = torch.stack([torch.randperm(n, generator=r.data_gen) for r in runs]).to(dev)
-        loss_sum = torch.zeros(K, device=dev, dtype=torch.float64)
-        err_sum = torch.zeros(K, device=dev, dtype=torch.int64)
-        for idx in torch.split(perms, bs, dim=1):
-            group.train_batch(train, idx, reduction, loss_sum, err_sum)
+        # A graph is captured after one plain epoch, which has built every buffer it reads.
+        if static is None and (mode == "static" or (mode == "graph" and epoch > start_epoch)):
+            static = _static_epoch(group, train, bs, reduction, mode, log)
+            if static is None:
+                mode = "eager"
+        if static is not None:
+            loss_sum, err_sum = static(perms)
+        else:
+            loss_sum = torch.zeros(K, device=dev, dtype=torch.float64)
+            err_sum = torch.zeros(K, device=dev, dtype=torch.int64)
+            for idx in torch.split(perms, bs, dim=1):
+                group.train_batch(train, idx, reduction, loss_sum, err_sum)
         test_loss, test_err = group.evaluate(test)
         norms = group.max_row_norms()
         loss_sum, err_sum = loss_sum.tolist(), err_sum.tolist()
@@ -526,3 +671,16 @@ def _train_stack(runs, start_epoch, epochs, train, test, dev, checkpoint_every, 
             live[k] = run.record(row, epochs, checkpoint_every, run.log)
         if not any(live):
             break
+    return static is not None and static.graph is not None
+
+
+def _static_epoch(group, train, bs, reduction, mode, log):
+    """The stack's ``StaticEpoch``; ``None`` (the plain loop, said in the log) if a CUDA graph
+    cannot be captured here."""
+    if mode == "static":
+        return StaticEpoch(group, train, bs, reduction, capture=False)
+    try:
+        return StaticEpoch(group, train, bs, reduction, capture=True)
+    except RuntimeError as err:  # capture refuses an operation: nothing of it ran
+        log(f"CUDA graph capture failed ({err}); training this stack without graphs")
+        return None

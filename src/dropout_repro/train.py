@@ -267,7 +267,9 @@ class RunState:
     def write_metrics(self) -> None:
         _atomic_write(self.out / "metrics.csv", _metrics_csv(self.rows))
 
-    def finish(self, epochs: int, tf32: bool, wall_seconds: float) -> dict:
+    def finish(
+        self, epochs: int, tf32: bool, wall_seconds: float, cuda_graphs: bool = False
+    ) -> dict:
         # Always: a resumed run that had nothing left to train still owes its metrics file.
         self.write_metrics()
         rows = self.rows
@@ -288,6 +290,7 @@ class RunState:
             "device": describe_device(self.dev),
             "torch_version": torch.__version__,
             "tf32": bool(tf32),
+            "cuda_graphs": bool(cuda_graphs),  # epochs replayed from a captured graph (grouped)
             "denormals_flushed": self.dev.type == "cpu" and flushing_denormals(),
             "threads": torch.get_num_threads(),
             "train_size": self.train_size,

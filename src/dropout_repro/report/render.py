@@ -570,6 +570,7 @@ def build_context(
             "torch": distinct("torch_version"),
             "tf32": distinct("tf32"),
             "denormals": distinct("denormals_flushed"),
+            "cuda_graphs": distinct("cuda_graphs"),
             "threads": distinct("threads"),
             "package": distinct("package_version"),
             "seeds": ", ".join(str(s) for s in sorted({r.seed for r in runs})),

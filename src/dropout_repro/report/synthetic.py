@@ -101,6 +101,7 @@ def write_run(
         "device": device,
         "torch_version": "0.0.0+synthetic",
         "tf32": False,
+        "cuda_graphs": False,
         "denormals_flushed": True,
         "threads": 1,
         "train_size": train_size,
