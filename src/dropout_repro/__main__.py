@@ -74,6 +74,7 @@ def _train_group(args) -> int:
         threads=args.threads,
         tf32=not args.no_tf32,
         on_stale_checkpoint="restart" if args.restart_stale else "error",
+        cuda_graphs=args.cuda_graphs,
     )
     for spec, summary in zip(specs, summaries):
         print(
@@ -139,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--no-tf32", action="store_true")
     g.add_argument("--restart-stale", action="store_true")
+    g.add_argument(
+        "--cuda-graphs",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="on CUDA, replay each stack's epochs from one captured graph (auto: on CUDA)",
+    )
     g.set_defaults(func=_train_group)
 
     b = sub.add_parser("bench", help="seconds per epoch of the training step vs the GEMM floor")

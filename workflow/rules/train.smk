@@ -60,6 +60,7 @@ for group in GROUPS:
             epochs=config["epochs"],
             device=config["device"],
             tf32=config["tf32"],
+            cuda_graphs=config["cuda_graphs"],
             checkpoint_every=config["checkpoint_every"],
             train_limit=config["data"]["train_limit"],
             data_root=lambda wc, input: Path(input.mnist).parent.parent,

@@ -20,6 +20,7 @@ train_group(
     train_limit=p.train_limit,
     threads=snakemake.threads,
     tf32=p.tf32,
+    cuda_graphs=p.cuda_graphs,
     # The workflow reruns a job whose hyperparameters changed: old checkpoints are set aside.
     on_stale_checkpoint="restart",
 )
