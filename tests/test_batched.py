@@ -538,38 +538,52 @@ def test_group_masks_are_each_runs_own_masks(style):
     assert [r.masks.counter for r in runs] == [0, 3 + 3, 7 + 3, 5 + 3]
 
 
-@pytest.mark.parametrize("optimizer", ["sgd_hinton", "adam"])
-def test_a_group_step_takes_nothing_from_the_host(optimizer, data, tmp_path, monkeypatch):
-    # On a GPU, a step that builds a tensor from Python numbers or reads one back waits on the
-    # host. Once a stack is set up for its epoch, its steps must do neither; here every way of
-    # doing so is made to fail.
+def _stack_at_epoch(overrides, data, tmp_path):
+    """A CPU ``Group`` of runs of ``BASE`` with each of ``overrides``, set up for an epoch at
+    momentum 0.5; returns it and its runs."""
     from dropout_repro.batched import Group
     from dropout_repro.train import RunState
     from dropout_repro.variant import resolve
 
     train, test = data
     dev = torch.device("cpu")
-    variants = [
-        resolve({**BASE, "optimizer": optimizer, "input_dropout": 0.2, "hidden_dropout": 0.5}),
-        resolve({**BASE, "optimizer": optimizer, "hidden_dropout": 0.5, "lr0": 0.25}),
-        resolve({**BASE, "optimizer": optimizer}),
-    ]
+    variants = [resolve({**BASE, **over}) for over in overrides]
     runs = [RunState(v, k, tmp_path / str(k), dev, train, test, None) for k, v in enumerate(variants)]
     group = Group(runs, dev)
-    group.opt.set_epoch([v["lr0"] for v in variants], [0.5] * 3, dev)
-    loss_sum = torch.zeros(3, dtype=torch.float64)
-    err_sum = torch.zeros(3, dtype=torch.int64)
-    batches = torch.split(torch.stack([torch.randperm(len(train)) for _ in runs]), 50, dim=1)
-    group.train_batch(train, batches[0], "mean", loss_sum, err_sum)  # the first step sets up
-    before = [w.clone() for w in group.weights]
+    group.opt.set_epoch([v["lr0"] for v in variants], [0.5] * len(runs), dev)
+    return group, runs
+
+
+def _refuse_the_host(monkeypatch, what: str) -> None:
+    """Make every way of building a tensor from Python numbers, or reading one back, fail."""
 
     def refuse(*args, **kwargs):
-        raise AssertionError("a training step went to the host")
+        raise AssertionError(f"{what} went to the host")
 
     for name in ("tensor", "as_tensor", "from_numpy"):
         monkeypatch.setattr(torch, name, refuse)
     for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_hinton", "adam"])
+def test_a_group_step_takes_nothing_from_the_host(optimizer, data, tmp_path, monkeypatch):
+    # On a GPU, a step that builds a tensor from Python numbers or reads one back waits on the
+    # host. Once a stack is set up for its epoch, its steps must do neither; here every way of
+    # doing so is made to fail.
+    train, _ = data
+    overrides = [
+        {"optimizer": optimizer, "input_dropout": 0.2, "hidden_dropout": 0.5},
+        {"optimizer": optimizer, "hidden_dropout": 0.5, "lr0": 0.25},
+        {"optimizer": optimizer},
+    ]
+    group, runs = _stack_at_epoch(overrides, data, tmp_path)
+    loss_sum = torch.zeros(3, dtype=torch.float64)
+    err_sum = torch.zeros(3, dtype=torch.int64)
+    batches = torch.split(torch.stack([torch.randperm(len(train)) for _ in runs]), 50, dim=1)
+    group.train_batch(train, batches[0], "mean", loss_sum, err_sum)  # the first step sets up
+    before = [w.clone() for w in group.weights]
+    _refuse_the_host(monkeypatch, "a training step")
     for idx in batches[1:4]:
         group.train_batch(train, idx, "mean", loss_sum, err_sum)
     monkeypatch.undo()
@@ -610,33 +624,19 @@ def test_the_captured_epochs_code_gives_the_plain_loops_numbers(group, data, tmp
 def test_the_captured_epoch_takes_nothing_from_the_host(optimizer, data, tmp_path, monkeypatch):
     # What a CUDA graph captures must not read from or write to the host: every way of doing so
     # fails here while the epoch's steps run.
-    from dropout_repro.batched import Group
-    from dropout_repro.train import RunState
-    from dropout_repro.variant import resolve
-
-    train, test = data
-    dev = torch.device("cpu")
-    variants = [
-        resolve({**BASE, "optimizer": optimizer, "input_dropout": 0.2, "hidden_dropout": 0.5}),
-        resolve({**BASE, "optimizer": optimizer, "lr0": 0.25, "weight_decay": 1e-3}),
+    train, _ = data
+    overrides = [
+        {"optimizer": optimizer, "input_dropout": 0.2, "hidden_dropout": 0.5},
+        {"optimizer": optimizer, "lr0": 0.25, "weight_decay": 1e-3},
     ]
-    runs = [RunState(v, k, tmp_path / str(k), dev, train, test, None) for k, v in enumerate(variants)]
-    group = Group(runs, dev)
-    group.opt.set_epoch([v["lr0"] for v in variants], [0.5] * 2, dev)
+    group, runs = _stack_at_epoch(overrides, data, tmp_path)
     epoch = StaticEpoch(group, train, 50, "mean", capture=False)
     perms = torch.stack([torch.randperm(len(train)) for _ in runs])
     epoch(perms)  # the first epoch builds the caches the capture would find
     steps = len(epoch.batches)
     before = [w.clone() for w in group.weights]
     group.opt.prepare_steps(steps)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a captured step went to the host")
-
-    for name in ("tensor", "as_tensor", "from_numpy"):
-        monkeypatch.setattr(torch, name, refuse)
-    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
-        monkeypatch.setattr(torch.Tensor, name, refuse)
+    _refuse_the_host(monkeypatch, "a captured step")
     epoch._steps()
     monkeypatch.undo()
     group.opt.finish_steps(steps)
