@@ -42,6 +42,23 @@ def _time(fn, steps: int, device) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def _random_data(device, gen, n: int = 6000) -> Split:
+    """``n`` random images and labels, resident on ``device`` (a step's cost does not depend
+    on the numbers)."""
+    return Split(
+        torch.randn(n, 784, generator=gen).to(device),
+        torch.randint(0, 10, (n,), generator=gen).to(device),
+    )
+
+
+def _sums(shape, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running loss and error sums ``train_batch`` adds to."""
+    return (
+        torch.zeros(shape, device=device, dtype=torch.float64),
+        torch.zeros(shape, device=device, dtype=torch.int64),
+    )
+
+
 def training_step(device, variant=None):
     """A closure running one step of the training loop (``train.train_batch``) of ``variant``
     on resident random data."""
@@ -52,14 +69,10 @@ def training_step(device, variant=None):
     others = [model.layers[-1].weight] + [layer.bias for layer in model.layers]
     opt = build_optimizer(variant, model.hidden_weights, others, model.layers[-1].weight)
     fold = getattr(opt, "fold_gradient", None)
-    n = 6000
-    data = Split(
-        torch.randn(n, 784, generator=gen).to(device),
-        torch.randint(0, 10, (n,), generator=gen).to(device),
-    )
-    batches = list(torch.split(torch.randperm(n, generator=gen).to(device), variant["batch_size"]))
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    err_sum = torch.zeros((), device=device, dtype=torch.int64)
+    data = _random_data(device, gen)
+    perm = torch.randperm(len(data), generator=gen).to(device)
+    batches = list(torch.split(perm, variant["batch_size"]))
+    loss_sum, err_sum = _sums((), device)
     i = 0
 
     def step():
@@ -95,30 +108,31 @@ def gemm_floor_step(device, hidden=(800, 800), batch: int = 100):
     return step
 
 
-def group_step(device, runs: int, variant=None):
-    """A closure running one step of ``runs`` copies of ``variant`` (seeds 0..runs-1) trained as
-    one stack by the grouped trainer, on resident random data."""
+def _stack(device, runs: int, variant: dict):
+    """``runs`` copies of ``variant`` (seeds 0..runs-1) as one stack of the grouped trainer,
+    set up for an epoch, on resident random data; returns it, the data and the runs' orders."""
     import tempfile
 
     from .batched import Group
     from .train import RunState
 
-    variant = resolve(variant or BENCH_VARIANT)
     gen = torch.Generator().manual_seed(0)
-    n = 6000
-    data = Split(
-        torch.randn(n, 784, generator=gen).to(device),
-        torch.randint(0, 10, (n,), generator=gen).to(device),
-    )
+    data = _random_data(device, gen)
     tmp = tempfile.mkdtemp(prefix="dropout-bench-")
     states = [RunState(variant, k, f"{tmp}/{k}", device, data, data, None) for k in range(runs)]
     group = Group(states, device)
     group.opt.set_epoch([variant["lr0"]] * runs, [variant["momentum_initial"]] * runs, device)
-    bs = variant["batch_size"]
-    perms = torch.stack([torch.randperm(n, generator=gen) for _ in range(runs)]).to(device)
-    batches = list(torch.split(perms, bs, dim=1))
-    loss_sum = torch.zeros(runs, device=device, dtype=torch.float64)
-    err_sum = torch.zeros(runs, device=device, dtype=torch.int64)
+    perms = torch.stack([torch.randperm(len(data), generator=gen) for _ in range(runs)])
+    return group, data, perms.to(device)
+
+
+def group_step(device, runs: int, variant=None):
+    """A closure running one step of ``runs`` copies of ``variant`` (seeds 0..runs-1) trained as
+    one stack by the grouped trainer, on resident random data."""
+    variant = resolve(variant or BENCH_VARIANT)
+    group, data, perms = _stack(device, runs, variant)
+    batches = list(torch.split(perms, variant["batch_size"], dim=1))
+    loss_sum, err_sum = _sums(runs, device)
     i = 0
 
     def step():
@@ -127,8 +141,6 @@ def group_step(device, runs: int, variant=None):
         i += 1
         group.train_batch(data, idx, variant["loss_reduction"], loss_sum, err_sum)
 
-    step.group, step.data, step.perms = group, data, perms
-    step.batch_size, step.reduction = bs, variant["loss_reduction"]
     return step
 
 
@@ -137,12 +149,15 @@ def group_epoch_graph(device, runs: int, variant=None):
     ``runs`` copies of ``variant`` on resident random data; returns it and its step count."""
     from .batched import StaticEpoch
 
-    step = group_step(device, runs, variant)
-    for _ in range(3):  # builds the buffers the capture reads, and cuBLAS's workspace
-        step()
-    group, data, perms = step.group, step.data, step.perms
+    variant = resolve(variant or BENCH_VARIANT)
+    group, data, perms = _stack(device, runs, variant)
+    bs, reduction = variant["batch_size"], variant["loss_reduction"]
+    sums = _sums(runs, device)
+    # A few plain steps build the buffers the capture reads, and cuBLAS's workspace.
+    for idx in torch.split(perms, bs, dim=1)[:3]:
+        group.train_batch(data, idx, reduction, *sums)
     capture = torch.device(device).type == "cuda"  # elsewhere: the same epoch, uncaptured
-    epoch = StaticEpoch(group, data, step.batch_size, step.reduction, capture=capture)
+    epoch = StaticEpoch(group, data, bs, reduction, capture=capture)
     return (lambda: epoch(perms)), len(epoch.batches)
 
 
