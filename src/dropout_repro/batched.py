@@ -509,8 +509,8 @@ class StaticEpoch:
         self.loss_sum = torch.zeros(K, device=dev, dtype=torch.float64)
         self.err_sum = torch.zeros(K, device=dev, dtype=torch.int64)
         self.graph = None
-        group.opt.prepare_steps(len(self.batches))  # the tables the capture reads
         if capture:
+            group.opt.prepare_steps(len(self.batches))  # the tables the capture reads
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             try:
@@ -610,13 +610,13 @@ def train_group(
     by_start: dict[int, list[RunState]] = {}
     for run in runs:
         by_start.setdefault(run.start_epoch, []).append(run)
+    graphed = {}  # per run: whether its stack's epochs were replayed from a graph
     for start in sorted(by_start):
         stack = by_start[start]
-        graphed = _train_stack(stack, start, epochs, train, test, dev, checkpoint_every, log, mode)
-        for run in stack:
-            run.cuda_graphs = graphed
+        captured = _train_stack(stack, start, epochs, train, test, dev, checkpoint_every, log, mode)
+        graphed.update((id(run), captured) for run in stack)
     wall = time.time() - started
-    return [run.finish(epochs, tf32, wall, run.cuda_graphs) for run in runs]
+    return [run.finish(epochs, tf32, wall, graphed[id(run)]) for run in runs]
 
 
 def _train_stack(runs, start_epoch, epochs, train, test, dev, checkpoint_every, log, mode):
